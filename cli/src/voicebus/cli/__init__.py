@@ -1,0 +1,1 @@
+"""The voicebus command: embedded stack (up) and the demo call."""

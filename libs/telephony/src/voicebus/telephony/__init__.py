@@ -1,0 +1,1 @@
+"""Telephony providers: one package per carrier (wire framing, handshake, REST client)."""

@@ -1,0 +1,1 @@
+"""Runner pool: one pipecat PipelineWorker per call, fed from NATS."""

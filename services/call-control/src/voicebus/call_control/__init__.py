@@ -1,0 +1,1 @@
+"""The only service that calls carrier REST APIs."""

@@ -1,0 +1,1 @@
+"""Database, credentials, quota, admin REST API and the vb.cfg NATS API."""

@@ -1,0 +1,1 @@
+"""Stateless carrier edge: WebSockets and webhooks onto NATS."""

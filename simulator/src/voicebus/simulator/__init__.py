@@ -1,0 +1,1 @@
+"""Carrier simulator: dials Agent Stream like a carrier; REST stand-ins for carriers and LLMs."""
