@@ -1,0 +1,81 @@
+"""``voicebus``: run the embedded stack (``up``) or the demo call (``demo``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from voicebus.cli.stack import Stack, StackConfig
+
+
+def _up(args: argparse.Namespace) -> int:
+    home = Path(args.home)
+    cfg = StackConfig.from_env(
+        home,
+        subject_prefix=os.environ.get("VOICEBUS_SUBJECT_PREFIX", "vb"),
+        ingress_port=args.port_base,
+        config_port=args.port_base + 1,
+        call_control_port=args.port_base + 3,
+        runner_ports=tuple(args.port_base + 10 + i for i in range(args.runners)),
+        runner_capacity=args.capacity,
+        cloudonix_api_url=os.environ.get("CLOUDONIX_API_URL"),
+    )
+    stack = Stack(cfg)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        stack.start_servers()
+        stack.start_services()
+        stack.say("")
+        stack.say("voicebus is up. Ctrl-C stops everything.")
+        stack.say(f"  Agent Stream: {stack.ingress_ws_url}/api/v1/agent-stream/<agent_uuid>?provider=cloudonix&Domain=...")
+        stack.say(f"  Admin API:    {stack.config_url}/docs")
+        stack.say("  First key:    uv run voicebus-config create-org --name 'My org'  (same DATABASE_URL)")
+        stack.say(f"  Database:     {stack.database_url}")
+        while not stopped.wait(0.5):
+            dead = [n for n, s in stack.services.items() if not s.alive]
+            if dead:
+                stack.say(f"{', '.join(dead)} exited; stopping the stack")
+                return 1
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as e:
+        print(f"voicebus: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stack.say("stopping ...")
+        stack.stop()
+        stack.say("stopped")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from voicebus.cli.demo import run_demo
+
+    return run_demo(Path(args.home), as_json=args.json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="voicebus", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="run NATS, Valkey, SQLite and the four services until Ctrl-C")
+    up.add_argument("--home", default=".voicebus", help="where embedded data and logs live (default .voicebus)")
+    up.add_argument("--port-base", type=int, default=8080,
+                    help="ingress on BASE, config BASE+1, call-control BASE+3, runners BASE+10.. (default 8080)")
+    up.add_argument("--runners", type=int, default=1, help="agent-runner replicas (default 1)")
+    up.add_argument("--capacity", type=int, default=4, help="calls per runner (default 4)")
+    up.set_defaults(func=_up)
+    demo = sub.add_parser("demo", help="start the embedded stack and place one simulated Cloudonix call")
+    demo.add_argument("--home", default=".voicebus/demo", help="where the demo keeps its data and recording")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()
