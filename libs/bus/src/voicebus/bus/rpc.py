@@ -7,6 +7,7 @@ OpenTelemetry context rides the NATS headers, so one trace spans every hop of a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -91,8 +92,15 @@ async def serve(
     handler: Callable[[T], Awaitable[BaseModel]],
     *,
     queue: str = "",
+    concurrency: int = 1,
 ) -> Subscription:
-    """Subscribe ``handler`` to ``subject``; it returns a model or raises :class:`BusError`."""
+    """Subscribe ``handler`` to ``subject``; it returns a model or raises :class:`BusError`.
+
+    nats-py runs a subscription's callback one message at a time, so with the default one slow
+    request (e.g. a carrier REST call with retries) holds up every request behind it. With
+    ``concurrency`` > 1 up to that many requests are handled at once; when all slots are busy the
+    subscription stops reading, which pushes back instead of piling up tasks.
+    """
 
     async def on_msg(msg: NatsMsg) -> None:
         token = otel_context.attach(extract_context(msg))
@@ -115,7 +123,25 @@ async def serve(
         finally:
             otel_context.detach(token)
 
-    return await nc.subscribe(subject, queue=queue, cb=on_msg)
+    if concurrency <= 1:
+        return await nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    slots = asyncio.Semaphore(concurrency)
+    running: set[asyncio.Task[None]] = set()
+
+    async def run_one(msg: NatsMsg) -> None:
+        try:
+            await on_msg(msg)
+        finally:
+            slots.release()
+
+    async def dispatch(msg: NatsMsg) -> None:
+        await slots.acquire()
+        task = asyncio.create_task(run_one(msg))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    return await nc.subscribe(subject, queue=queue, cb=dispatch)
 
 
 def _short_validation(e: ValidationError) -> str:
