@@ -32,7 +32,8 @@ def _up(args: argparse.Namespace) -> int:
         stack.start_services()
         stack.say("")
         stack.say("voicebus is up. Ctrl-C stops everything.")
-        stack.say(f"  Agent Stream: {stack.ingress_ws_url}/api/v1/agent-stream/<agent_uuid>?provider=cloudonix&Domain=...")
+        stack.say(f"  Agent Stream: {stack.ingress_ws_url}/api/v1/agent-stream/<agent_uuid>"
+                  "?provider=cloudonix&Domain=...")
         stack.say(f"  Admin API:    {stack.config_url}/docs")
         stack.say("  First key:    uv run voicebus-config create-org --name 'My org'  (same DATABASE_URL)")
         stack.say(f"  Database:     {stack.database_url}")

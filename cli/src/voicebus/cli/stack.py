@@ -47,8 +47,8 @@ class ServiceProcess:
         assert self.proc is not None and self.proc.stdout is not None
         prefix = f"{self.name:>12} | "
         if color:
-            prefix = f"\x1b[{COLORS.get(self.name.split('-')[0] if self.name.startswith('runner') else self.name, '37')}m"\
-                     f"{prefix}\x1b[0m"
+            key = "agent-runner" if self.name.startswith("runner") else self.name
+            prefix = f"\x1b[{COLORS.get(key, '37')}m{prefix}\x1b[0m"
         for raw in iter(self.proc.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip()
             self.tail.append(line)
