@@ -1,0 +1,101 @@
+"""Request and response bodies of the admin REST API (runs use the bus's RunRecord as is)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from voicebus.bus.agent import AgentDefinition
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ShortName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+MAX_CALL_LIMIT = 100_000
+
+
+class _In(BaseModel):
+    """Unknown fields are refused: a typo (``concurent_call_limit``) must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class OrganizationOut(BaseModel):
+    id: int
+    name: str
+    concurrent_call_limit: int
+    created_at: datetime
+
+
+class OrganizationPatch(_In):
+    name: Name | None = None
+    concurrent_call_limit: int | None = Field(default=None, ge=0, le=MAX_CALL_LIMIT)
+
+
+class ApiKeyCreate(_In):
+    name: Name
+
+
+class ApiKeyOut(BaseModel):
+    id: int
+    name: str
+    prefix: str = Field(description="The first characters of the key, to tell keys apart.")
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The API key. Shown only in this response; store it now.")
+
+
+class AgentCreate(_In):
+    name: Name
+    definition: AgentDefinition
+
+
+class AgentUpdate(_In):
+    name: Name | None = None
+    definition: AgentDefinition | None = None
+
+
+class AgentOut(BaseModel):
+    uuid: str
+    name: str
+    draft_definition: AgentDefinition
+    published_version: int | None
+    published_definition: AgentDefinition | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AgentVersionOut(BaseModel):
+    version: int
+    definition: AgentDefinition
+    published_at: datetime
+
+
+class TelephonyCreate(_In):
+    provider: str = Field(min_length=1, max_length=32)
+    name: ShortName
+    credentials: dict[str, Any]
+
+
+class TelephonyUpdate(_In):
+    name: ShortName | None = None
+    credentials: dict[str, Any] | None = None
+
+
+class TelephonyOut(BaseModel):
+    id: int
+    provider: str
+    name: str
+    account_id: str
+    credentials: dict[str, Any] = Field(description="Sensitive fields are masked.")
+    created_at: datetime
+    updated_at: datetime
+
+
+class QuotaOut(BaseModel):
+    concurrent_call_limit: int
+    in_use: int
