@@ -1,0 +1,152 @@
+"""End-to-end fixtures: the four services as separate processes on real NATS, Redis and PostgreSQL.
+
+One stack per test session (start-up costs a few seconds, mostly the runner warming Piper and Silero).
+Only the carrier is stood in for: the Cloudonix REST stand-in and the carrier simulator ship with
+the product. Timeouts are shortened through the services' own settings so refusals are fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+
+from voicebus.bus.agent import demo_definition
+from voicebus.cli.stack import Stack, StackConfig
+from voicebus.simulator.cloudonix_api import RunningCloudonixApi, run_cloudonix_api
+
+T = TypeVar("T")
+DOMAIN = "e2e.cloudonix.net"
+NO_TOKEN_DOMAIN = "notoken.cloudonix.net"
+TERMINAL = {"completed", "failed"}
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float, what: str) -> T:
+    """Poll an external system (admin API, stand-in) until ``probe`` returns a value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+@dataclass
+class Org:
+    id: int
+    api_key: str
+    admin: httpx.AsyncClient
+
+
+@dataclass
+class E2E:
+    stack: Stack
+    cloudonix: RunningCloudonixApi
+    token: str
+    org: Org
+    agent_uuid: str
+    telephony_config_id: int
+    no_token_config_id: int
+    limited_org_agent_uuid: str
+
+    def url(self, agent_uuid: str | None = None, **params: str) -> str:
+        query = {"provider": "cloudonix", "Domain": DOMAIN, **params}
+        query = {k: v for k, v in query.items() if v is not None}
+        return f"{self.stack.ingress_ws_url}/api/v1/agent-stream/{agent_uuid or self.agent_uuid}?{urlencode(query)}"
+
+    async def run_for_call(self, call_id: str, timeout: float = 20.0, terminal: bool = True) -> dict[str, Any]:
+        async def probe() -> dict[str, Any] | None:
+            resp = await self.org.admin.get("/api/v1/runs", params={"limit": 200})
+            resp.raise_for_status()
+            body = resp.json()
+            for run in body["items"] if isinstance(body, dict) else body:
+                if (run.get("gathered_context") or {}).get("call_id") == call_id:
+                    if not terminal or run["state"] in TERMINAL:
+                        return run
+            return None
+
+        return await eventually(probe, timeout, f"run of call {call_id}")
+
+    async def quota_in_use(self) -> int:
+        resp = await self.org.admin.get("/api/v1/quota")
+        resp.raise_for_status()
+        return int(resp.json()["in_use"])
+
+    async def wait_quota_free(self, timeout: float = 15.0) -> None:
+        async def probe() -> bool | None:
+            return True if await self.quota_in_use() == 0 else None
+
+        await eventually(probe, timeout, "every quota slot to be released")
+
+
+def _create_org(stack: Stack, name: str, limit: int | None = None) -> dict[str, Any]:
+    argv = [str(Path(sys.executable).parent / "voicebus-config"), "create-org", "--name", name, "--json"]
+    if limit is not None:
+        argv += ["--concurrent-calls", str(limit)]
+    out = subprocess.run(argv, env=stack.base_env(), capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def _agent(admin: httpx.AsyncClient) -> str:
+    resp = await admin.post("/api/v1/agents", json={"name": "e2e agent", "definition": demo_definition().model_dump()})
+    assert resp.status_code == 201, resp.text
+    agent_uuid = resp.json()["uuid"]
+    resp = await admin.post(f"/api/v1/agents/{agent_uuid}/publish")
+    assert resp.status_code in (200, 201), resp.text
+    return str(agent_uuid)
+
+
+async def _tcfg(admin: httpx.AsyncClient, domain: str, token: str) -> int:
+    resp = await admin.post("/api/v1/telephony-configurations", json={
+        "provider": "cloudonix", "name": domain, "credentials": {"domain_id": domain, "bearer_token": token}})
+    assert resp.status_code == 201, resp.text
+    return int(resp.json()["id"])
+
+
+@pytest.fixture(scope="session")
+async def e2e(nats_url: str, redis_url: str, postgres_url: str,
+              tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E2E]:
+    token = uuid.uuid4().hex
+    home = tmp_path_factory.mktemp("stack")
+    async with run_cloudonix_api({DOMAIN: token, NO_TOKEN_DOMAIN: "unused"}) as cloudonix:
+        cfg = StackConfig.free_ports(
+            runners=2, home=home, nats_url=nats_url, redis_url=redis_url, database_url=postgres_url,
+            subject_prefix=f"e2e{uuid.uuid4().hex[:8]}", cloudonix_api_url=cloudonix.url, runner_capacity=2,
+            extra_env={"VOICEBUS_HANDSHAKE_TIMEOUT_S": "2", "VOICEBUS_OFFER_TIMEOUT_S": "3",
+                       "VOICEBUS_QUOTA_LEASE_TTL_S": "9", "VOICEBUS_REAPER_INTERVAL_S": "1"},
+        )
+        log = (home / "stack.log").open("w")
+        stack = Stack(cfg, out=log, color=False)
+        try:
+            await asyncio.to_thread(stack.start_servers)
+            await asyncio.to_thread(stack.start_services, 120.0)
+            org = _create_org(stack, "e2e org")
+            limited = _create_org(stack, "limited org", limit=0)
+            async with httpx.AsyncClient(base_url=stack.config_url, trust_env=False, timeout=10,
+                                         headers={"Authorization": f"Bearer {org['api_key']}"}) as admin, \
+                    httpx.AsyncClient(base_url=stack.config_url, trust_env=False, timeout=10,
+                                      headers={"Authorization": f"Bearer {limited['api_key']}"}) as limited_admin:
+                agent_uuid = await _agent(admin)
+                tcfg = await _tcfg(admin, DOMAIN, token)
+                no_token = await _tcfg(admin, NO_TOKEN_DOMAIN, "")
+                limited_agent = await _agent(limited_admin)
+                await _tcfg(limited_admin, DOMAIN, token)
+                yield E2E(stack, cloudonix, token, Org(org["organization_id"], org["api_key"], admin),
+                          agent_uuid, tcfg, no_token, limited_agent)
+        finally:
+            await asyncio.to_thread(stack.stop)
+            log.close()
+            print(f"e2e stack log: {home / 'stack.log'}")

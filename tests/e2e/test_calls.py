@@ -1,0 +1,112 @@
+"""Simulated Cloudonix calls through the four services: happy path, caller hangup, lost runner."""
+
+from __future__ import annotations
+
+import asyncio
+import audioop
+import re
+import signal
+import uuid
+
+import httpx
+
+from tests.e2e.conftest import DOMAIN, E2E, eventually
+from voicebus.simulator.call import CallerAction, CallScript, place_call
+
+
+def _call_id() -> str:
+    return f"e2e-{uuid.uuid4().hex[:8]}"
+
+
+async def _session_state(e2e: E2E, session: str) -> dict:
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+        resp = await http.get(f"{e2e.cloudonix.url}/_sim/sessions/{session}", params={"wait_ended": 5})
+        resp.raise_for_status()
+        return resp.json()
+
+
+async def test_happy_path_greeting_dtmf_agent_hangup(e2e: E2E, tmp_path) -> None:
+    call_id = _call_id()
+    wav = tmp_path / "call.wav"
+    script = CallScript(domain=DOMAIN, cloudonix_api=e2e.cloudonix.url, record_path=wav,
+                        caller="+15555550100", callee="+15555550199",
+                        actions=[CallerAction.dtmf("1")], max_duration_s=60)
+    report = await place_call(e2e.url(callId=call_id, **{"from": "+15555550100", "to": "+15555550199"}), script)
+
+    # What the caller experienced.
+    assert report.error is None, report.render()
+    assert report.first_agent_audio_ms is not None, report.render()
+    assert report.dtmf_sent == ["1"], report.render()
+    assert report.hung_up_by == "agent", report.render()
+    assert report.close_code == 1000, report.render()
+    kinds = [e.kind for e in report.events]
+    dtmf_at = kinds.index("dtmf_sent")
+    assert "agent_speaking" in kinds[dtmf_at:], "the agent must answer the key press"
+    speech = report.recording
+    assert len(speech) > 8000 * 2 * 3, "at least 3 s of audio recorded"
+    assert audioop.rms(speech, 2) > 300, "the recording holds speech, not silence"
+    assert wav.exists() and wav.stat().st_size > 44
+
+    # The run record carries every field the seed lists.
+    run = await e2e.run_for_call(call_id)
+    assert run["state"] == "completed", run
+    assert run["end_reason"] == "agent_hangup"
+    assert re.fullmatch(r"WR-AGS-\d{8}", run["name"]), run["name"]
+    assert run["call_type"] == "inbound"
+    assert run["mode"] == "cloudonix"
+    assert run["initial_context"]["caller_number"] == "+15555550100"
+    assert run["initial_context"]["called_number"] == "+15555550199"
+    assert run["gathered_context"]["call_id"] == call_id
+    assert run["logs"]["inbound_webhook"]["Domain"] == DOMAIN
+    assert run["telephony_configuration_id"] == e2e.telephony_config_id
+    assert run["agent_uuid"] == e2e.agent_uuid
+    assert run["started_at"] and run["ended_at"]
+
+    # call-control hung the Cloudonix session up through the REST API, and the slot is free again.
+    session = await _session_state(e2e, report.session)
+    assert session["state"] == "ended", session
+    assert session.get("ended_by") in ("rest", None) or "rest" in str(session), session
+    await e2e.wait_quota_free()
+
+
+async def test_caller_hangs_up_mid_call(e2e: E2E) -> None:
+    call_id = _call_id()
+    script = CallScript(domain=DOMAIN, cloudonix_api=e2e.cloudonix.url,
+                        actions=[CallerAction.hangup()], max_duration_s=60)
+    report = await place_call(e2e.url(callId=call_id), script)
+    assert report.first_agent_audio_ms is not None, report.render()
+    assert report.hung_up_by == "caller", report.render()
+    run = await e2e.run_for_call(call_id)
+    assert run["state"] == "completed", run
+    assert run["end_reason"] == "caller_hangup"
+    await e2e.wait_quota_free()
+
+
+async def test_runner_killed_mid_call_ends_run_and_frees_slot(e2e: E2E) -> None:
+    call_id = _call_id()
+    script = CallScript(domain=DOMAIN, cloudonix_api=e2e.cloudonix.url, max_duration_s=45)
+    call = asyncio.create_task(place_call(e2e.url(callId=call_id), script))
+    try:
+        async def owner() -> str | None:
+            run = await e2e.run_for_call(call_id, terminal=False)
+            return ((run.get("logs") or {}).get("runner") or {}).get("runner_id")
+
+        runner_id = await eventually(owner, 20, "a runner to answer the call")
+        victim = e2e.stack.services[runner_id]
+        victim.signal(signal.SIGKILL)
+        report = await asyncio.wait_for(call, 20)
+    finally:
+        if not call.done():
+            call.cancel()
+    try:
+        assert report.close_code == 1011, report.render()
+        assert report.close_reason == "Agent runner lost"
+        run = await e2e.run_for_call(call_id)
+        assert run["state"] == "failed", run
+        assert run["end_reason"] == "runner_lost"
+        session = await _session_state(e2e, report.session)
+        assert session["state"] == "ended", "call-control hangs the carrier leg up"
+        await e2e.wait_quota_free()
+    finally:
+        victim.wait(5)
+        await asyncio.to_thread(e2e.stack.restart_service, runner_id)
