@@ -272,7 +272,10 @@ class FakeRunner:
         self.runner_id = runner_id
         self.calls: dict[str, RunnerCall] = {}
         self.offers_seen = 0
+        self.beats = 0
         self.reject_first = 0
+        self.never_reply = False  # accept (subscribe, heartbeat) but lose the reply, as a runner might
+        self._stopped = asyncio.Event()
         self._sub: Subscription | None = None
 
     async def start(self) -> FakeRunner:
@@ -299,12 +302,16 @@ class FakeRunner:
         call.subs.append(await self.nc.subscribe(self.subjects.media_in(offer.call_id), cb=on_media))
         call.subs.append(await self.nc.subscribe(self.subjects.event_in(offer.call_id), cb=on_event))
         call.heartbeat = asyncio.create_task(self._beat(offer.call_id))
+        if self.never_reply:
+            await self._stopped.wait()
         return OfferAccepted(call_id=offer.call_id, runner_id=self.runner_id)
 
     async def _beat(self, call_id: str) -> None:
         for seq in itertools.count():
             hb = Heartbeat(runner_id=self.runner_id, seq=seq)
             await self.nc.publish(self.subjects.heartbeat(call_id), hb.encode())
+            self.beats += 1
+            await self.changes.notify()
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)  # the runner's heartbeat period
 
     def die(self, call_id: str) -> None:
@@ -324,6 +331,7 @@ class FakeRunner:
         return next(iter(self.calls.values()))
 
     async def stop(self) -> None:
+        self._stopped.set()
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -377,8 +385,8 @@ class Harness:
         return self.url(**{k: v for k, v in params.items() if v is not None})
 
     async def start_ingress(self, **overrides: Any) -> IngressService:
-        settings = IngressSettings(nats_url=self.nats_url, subject_prefix=self.subjects.prefix, http_host="127.0.0.1", port=0,
-                                   **overrides)
+        settings = IngressSettings(nats_url=self.nats_url, subject_prefix=self.subjects.prefix,
+                                   http_host="127.0.0.1", port=0, **overrides)
         self.ingress = await IngressService(settings).start()
         return self.ingress
 

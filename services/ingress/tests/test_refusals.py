@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from voicebus.bus.rpc import BusError
 from voicebus.telephony.providers.cloudonix.media import carrier_connected
 
-from .conftest import AGENT_UUID, CONFIG_ID, DOMAIN, ORG_ID, SESSION, Harness, closed, start_message
+from .conftest import AGENT_UUID, CONFIG_ID, DOMAIN, ORG_ID, SESSION, Harness, closed
 
 
 def assert_nothing_created(h: Harness) -> None:
@@ -252,6 +253,20 @@ async def test_busy_runners_are_retried_until_one_accepts(harness: Harness):
     ws = await harness.dial()
     await harness.changes.wait(lambda: harness.runner.calls)
     assert harness.runner.offers_seen == 3
+    await ws.close()
+    await harness.changes.wait(lambda: harness.events.terminal())
+
+
+async def test_offer_reply_lost_but_runner_heartbeating_counts_as_accepted(harness: Harness):
+    harness.runner.never_reply = True
+    await harness.start_ingress(offer_timeout_s=0.8)
+    ws = await harness.dial()
+    await harness.changes.wait(lambda: harness.runner.calls)
+    assert harness.ingress is not None
+    (live,) = harness.ingress.calls
+    await asyncio.wait_for(live.answered.wait(), 5)
+    assert harness.runner.offers_seen == 1  # not offered twice
+    assert harness.events.terminal() == []
     await ws.close()
     await harness.changes.wait(lambda: harness.events.terminal())
 

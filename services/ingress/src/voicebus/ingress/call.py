@@ -126,8 +126,10 @@ class AgentStreamCall:
         self._ending: asyncio.Future[Ending] = self._loop.create_future()
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._concluded = False
         self._disconnected = False
         self._runner_ready = False
+        self.answered = asyncio.Event()  # set once a runner holds the call (observable for tests and metrics)
         self._runner_id: str | None = None
         self._hb_runner_seen: str | None = None
         self._last_hb = 0.0
@@ -401,6 +403,7 @@ class AgentStreamCall:
         self._runner_id = accepted.runner_id
         self._last_hb = self._loop.time()  # runner liveness is counted from the acceptance
         self._runner_ready = True
+        self.answered.set()
         log.info("call %s run %s: runner %s accepted", self.call_id, self.run.id if self.run else None,
                  accepted.runner_id)
 
@@ -552,6 +555,9 @@ class AgentStreamCall:
 
     async def _conclude(self, ending: Ending) -> None:
         assert self.call_id is not None
+        if self._concluded:
+            return
+        self._concluded = True
         if ending.kind in (End.CALLER_HANGUP, End.SHUTDOWN, End.ERROR, End.REFUSED):
             # tell a runner that may hold the call to stop, without asking for another hangup
             with contextlib.suppress(Exception):
