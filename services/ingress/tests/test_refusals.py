@@ -277,3 +277,18 @@ async def test_draining_ingress_refuses_new_sockets(harness: Harness):
     ws = await harness.dial(handshake=False)
     assert (await closed(ws))[:2] == (1012, "Service restarting")
     assert_nothing_created(harness)
+
+
+async def test_caller_hanging_up_during_the_offer_abandons_it(harness: Harness):
+    await harness.runner.stop()  # nobody takes the offer: ingress keeps retrying ...
+    await harness.start_ingress(offer_timeout_s=20)
+    ws = await harness.dial()
+    await harness.changes.wait(lambda: harness.config.updates)  # handshake done, run running, offering
+    loop = asyncio.get_running_loop()
+    hung_up = loop.time()
+    await ws.send(json.dumps({"event": "stop"}))
+    assert (await closed(ws))[:2] == (1000, "Caller hung up")
+    assert loop.time() - hung_up < 5  # ... but stops as soon as the caller is gone
+    name, body = (await harness.changes.wait(lambda: harness.events.terminal()))[0]
+    assert (name, body["reason"]) == ("call.ended", "caller_hangup")
+    await harness.changes.wait(harness.config.all_leases_released)
