@@ -11,13 +11,19 @@ lock, workspace layout, ignore file or package metadata is broken fails here ins
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,6 +410,14 @@ def built_images(tmp_path_factory: pytest.TempPathFactory, context: set[str]) ->
     yield build
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "UV"))}
 
@@ -431,3 +445,124 @@ def test_build_stage_produces_a_self_contained_venv(image: str, built_images: Ca
     site = next((venv / "lib").glob("python3*/site-packages"))
     leaks = [p.name for p in site.glob("*.pth") if "/src" in p.read_text()]
     assert not leaks, f"{image}: .pth files point at the source tree, gone at run time: {leaks}"
+
+
+# ---------------------------------------------------------------------------------- smoke start ----
+STARTUP_DEADLINE_S = 90.0  # the runner loads its voice and VAD models before it answers
+STOP_DEADLINE_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def smoke_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database of its own, so the config image migrates an empty schema like a first install."""
+    import asyncio
+
+    import asyncpg
+
+    name = f"vb_deploy_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_server_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        base = postgres_server_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _configmap() -> dict[str, str]:
+    import yaml
+
+    (doc,) = [d for d in yaml.safe_load_all((REPO / "deploy/k8s/configmap.yaml").read_text()) if d]
+    return {k: str(v) for k, v in doc["data"].items()}
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return 0
+
+
+def _wait_for_status(proc: subprocess.Popen[bytes], url: str, logs: Path, deadline_s: float) -> None:
+    """Wait for a 200 from ``url``, failing at once (with the logs) if the process exits first."""
+    deadline = time.monotonic() + deadline_s
+    status = 0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"exited with {proc.returncode} before {url} answered:\n{logs.read_text()[-4000:]}")
+        status = _get(url)
+        if status == 200:
+            return
+        time.sleep(0.1)  # polling interval of a readiness wait, not synchronisation by sleeping
+    pytest.fail(f"{url} answered {status or 'nothing'} within {deadline_s}s:\n{logs.read_text()[-4000:]}")
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_image_starts_passes_its_healthcheck_and_stops_on_sigterm(
+    image: str, built_images: Callable[[str], Path], tmp_path: Path, nats_url: str, redis_url: str,
+    smoke_database_url: str, subject_prefix: str,
+) -> None:
+    """Run the image's ENTRYPOINT + CMD from its venv, configured by the Kubernetes ConfigMap.
+
+    Proves what a manifest test cannot: the services honour the ConfigMap's variable names, listen on
+    the port the probes use, answer /healthz (and /readyz once NATS, Redis and PostgreSQL are reached),
+    pass the Dockerfile's own HEALTHCHECK, exit cleanly on SIGTERM and keep the secret key out of logs.
+    """
+    _path, _dist, _script, default_port, health = IMAGES[image]
+    venv = built_images(image)
+    _args, stages = dockerfile(image)
+    runtime = stages[-1]
+    port = _free_port()
+    scratch = tmp_path / "tmp"  # the pod's /tmp emptyDir
+    workdir = tmp_path / "workdir"  # WORKDIR /var/lib/voicebus
+    scratch.mkdir()
+    workdir.mkdir()
+    mapping = {"/app": venv.parent, "/tmp": scratch}
+    secret_key = base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path / "home"), "LANG": "C.UTF-8"}
+    for e in runtime.all("ENV"):
+        env.update({k: _map_path(v.replace("${PATH}", env["PATH"]), mapping) for k, v in parse_env(e).items()})
+    env.update(_configmap())
+    env.update(
+        NATS_URL=nats_url, REDIS_URL=redis_url, VOICEBUS_SUBJECT_PREFIX=subject_prefix,
+        VOICEBUS_HTTP_HOST="127.0.0.1", DATABASE_URL=smoke_database_url, VOICEBUS_SECRET_KEY=secret_key,
+    )
+    if image in PORT_ENV:
+        env[PORT_ENV[image]] = str(port)
+    argv = exec_form(runtime.all("ENTRYPOINT")[-1]) + (exec_form(runtime.all("CMD")[-1]) if runtime.all("CMD") else [])
+    argv = [str(port) if a == str(default_port) else "127.0.0.1" if a == "0.0.0.0" else a for a in argv]
+    argv[0] = str(venv / "bin" / argv[0])
+
+    logs = tmp_path / "service.log"
+    with logs.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_status(proc, f"http://127.0.0.1:{port}{health}", logs, STARTUP_DEADLINE_S)
+            health_cmd = exec_form(runtime.all("HEALTHCHECK")[-1].split("CMD", 1)[1].strip())
+            # an image without a port variable (the simulator) hard-codes its port in the check
+            health_cmd = [c.replace(f":{default_port}/", f":{port}/") for c in health_cmd]
+            hc = subprocess.run([str(venv / "bin" / "python"), *health_cmd[1:]], env=env, capture_output=True,
+                                text=True, timeout=30, check=False)
+            assert hc.returncode == 0, f"the Dockerfile HEALTHCHECK fails against a live {image}: {hc.stderr}"
+            if image in PORT_ENV:
+                _wait_for_status(proc, f"http://127.0.0.1:{port}/readyz", logs, STARTUP_DEADLINE_S)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=STOP_DEADLINE_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = logs.read_text(errors="replace")
+    assert code == 0, f"{image} did not exit cleanly on SIGTERM (exit {code}):\n{output[-4000:]}"
+    assert secret_key not in output, f"{image} logged VOICEBUS_SECRET_KEY"
