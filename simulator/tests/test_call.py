@@ -360,3 +360,61 @@ def test_wav_loading_resamples_to_8k_mono(tmp_path: Path) -> None:
 def test_redact_url_hides_agent_and_query() -> None:
     url = f"wss://example.test/api/v1/agent-stream/{AGENT_UUID}?provider=cloudonix&Domain=acme"
     assert redact_url(url) == "wss://example.test/api/v1/agent-stream/<redacted>"
+
+
+async def test_close_is_noticed_when_the_close_frame_arrives() -> None:
+    """A server that stops reading delays the TCP close by seconds; the call still ends at its close frame."""
+    closed_at: list[float] = []
+
+    async def play(ws: ServerConnection, agent: Agent) -> None:
+        await agent.recv(ws)
+        await agent.recv(ws)
+        await asyncio.sleep(0.6)  # not reading: websockets' flow control stalls the closing handshake
+        closed_at.append(time.monotonic())
+        await ws.close(1000, "bye")
+
+    async with agent_server(play, close_timeout=1) as (url, _agent):
+        t0 = time.monotonic()
+        report = await place_call(url, CallScript(max_duration_s=10))
+        took = time.monotonic() - t0
+    assert (report.close_code, report.close_reason, report.hung_up_by) == (1000, "bye", "agent")
+    closed = report.first("closed")
+    assert closed is not None and abs(closed.t_ms - (closed_at[0] - t0) * 1000) < 150
+    assert abs(report.duration_ms - closed.t_ms) <= 1
+    assert took < 3.5
+
+
+async def test_cli_call_prints_a_json_report_without_the_url(tmp_path: Path) -> None:
+    import os
+    import sys
+
+    async def play(ws: ServerConnection, agent: Agent) -> None:
+        await agent.recv(ws)
+        start = await agent.recv(ws)
+        for m in media_messages(tone_pcm(200), start["streamSid"]):
+            await ws.send(m)
+        await agent.until(ws, "dtmf")
+        await ws.close(1000, "done")
+
+    exe = os.path.join(os.path.dirname(sys.executable), "voicebus-sim")
+    async with agent_server(play) as (url, agent):
+        proc = await asyncio.create_subprocess_exec(
+            exe, "call", url, "--domain", "acme", "--dtmf", "7", "--silence-ms", "300", "--json",
+            "--record", str(tmp_path / "cli.wav"), "--param", "k=v",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert report["dtmf_sent"] == ["7"] and report["close_code"] == 1000 and report["hung_up_by"] == "agent"
+    assert report["wav_path"] == str(tmp_path / "cli.wav") and (tmp_path / "cli.wav").exists()
+    assert AGENT_UUID not in out.decode() + err.decode()
+    start = agent.messages[1][1]["start"]
+    assert start["accountSid"] == "acme" and start["customParameters"] == {"k": "v"}
+    # Bad usage is refused with a message, not a traceback.
+    proc = await asyncio.create_subprocess_exec(exe, "call", "http://x", stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 2 and b"ws://" in err
+    proc = await asyncio.create_subprocess_exec(exe, "call", "ws://x", "--dtmf", "1x",
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 2 and b"DTMF digits" in err

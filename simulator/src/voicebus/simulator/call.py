@@ -44,6 +44,7 @@ SAMPLE_RATE = 8000
 FRAME_MS = 20
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 160
 ULAW_SILENCE = b"\xff" * FRAME_SAMPLES
+CLOSE_TIMEOUT_S = 2.0
 PCM_SILENCE = b"\x00\x00" * FRAME_SAMPLES
 START_FIELDS = ("streamSid", "callSid", "session", "accountSid", "from", "to", "context", "tracks",
                 "mediaFormat", "customParameters")
@@ -289,6 +290,7 @@ class _Call:
         self.chunk = 0
         self.done = asyncio.Event()
         self.end_cause = ""
+        self.ended_at: float | None = None
         # speaker: queued agent μ-law audio, marks at byte positions
         self.queue = bytearray()
         self.queued_total = 0
@@ -323,6 +325,7 @@ class _Call:
     def finish(self, cause: str) -> None:
         if not self.done.is_set():
             self.end_cause = cause
+            self.ended_at = time.monotonic()
             self.done.set()
 
     def next_seq(self) -> str:
@@ -340,7 +343,7 @@ class _Call:
             await _register_session(s)
         try:
             self.ws = await connect(self.url, proxy=None, open_timeout=s.open_timeout_s, compression=None,
-                                    max_size=2**22)
+                                    max_size=2**22, close_timeout=CLOSE_TIMEOUT_S)
         except InvalidStatus as e:
             return self._failed(f"the server refused the WebSocket: HTTP {e.response.status_code}")
         except (InvalidHandshake, OSError, TimeoutError) as e:
@@ -361,8 +364,12 @@ class _Call:
         finally:
             for t in tasks[1:]:
                 t.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.wait_closed(), 5)
+            # The close frames have been exchanged (or the peer is gone); the TCP close is the server's
+            # job. Don't let a server that never closes its side stretch the call.
+            try:
+                await asyncio.wait_for(self.ws.wait_closed(), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                self.ws.transport.abort()
             tasks[0].cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         return self._finalize()
@@ -488,6 +495,12 @@ class _Call:
 
     async def tick(self, n: int) -> None:
         s = self.s
+        assert self.ws is not None
+        if self.ws.protocol.close_rcvd is not None:
+            # Noticed on the 20 ms clock: websockets only raises once the TCP connection is gone,
+            # which a slow server can delay by seconds, but the call ended with the close frame.
+            self.finish("server_closed")
+            return
         elapsed = n * FRAME_MS
         await self.play_frame()
         await self.run_script(n)
@@ -616,12 +629,16 @@ class _Call:
                 r.closed_by, r.close_code, r.close_reason = "caller", p.close_sent.code, p.close_sent.reason
             else:
                 r.closed_by, r.close_code, r.close_reason = "agent", 1006, "connection lost"
-            self.event("closed", by=r.closed_by, code=r.close_code, reason=r.close_reason)
+            closed_ms = int(((self.ended_at or time.monotonic()) - self.t0) * 1000)
+            r.events.append(TimelineEvent(closed_ms, "closed",
+                                          {"by": r.closed_by, "code": r.close_code, "reason": r.close_reason}))
+            if self.on_event:
+                self.on_event(r.events[-1])
         if self.end_cause in ("caller_hangup", "max_duration"):
             r.hung_up_by = "caller"
         elif self.end_cause in ("server_closed", "rest_hangup"):
             r.hung_up_by = "agent"
-        r.duration_ms = self.now_ms()
+        r.duration_ms = int(((self.ended_at or time.monotonic()) - self.t0) * 1000)
         r.recording = bytes(self.recording)
         if self.s.record_path:
             write_wav_8k(self.s.record_path, r.recording)
