@@ -414,6 +414,7 @@ class _Call:
                 await self.send_json({"event": "stop", "sequenceNumber": self.next_seq(), "streamSid": s.stream_sid,
                                       "stop": {"accountSid": s.domain, "callSid": s.call_sid}})
                 self.event("stop_sent")
+            self.ended_at = time.monotonic()  # the call is over for the caller once stop is out
             await self.ws.close(1000, "call ended" if rest else "caller hung up")
 
     # -- receiving: agent audio goes to the speaker queue; clear and marks act on it
