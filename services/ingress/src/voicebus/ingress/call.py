@@ -127,6 +127,7 @@ class AgentStreamCall:
         self._send_lock = asyncio.Lock()
         self._closed = False
         self._concluded = False
+        self._closed_by_us = False
         self._disconnected = False
         self._runner_ready = False
         self.answered = asyncio.Event()  # set once a runner holds the call (observable for tests and metrics)
@@ -454,7 +455,8 @@ class AgentStreamCall:
                 elif isinstance(msg, MarkIn):
                     await self.nc.publish(event_in, MarkAckEvent(name=msg.name).encode())
                 elif isinstance(msg, StopIn):
-                    self._end(Ending(End.CALLER_HANGUP, CLOSE_NORMAL, "Caller hung up"))
+                    if not self._closed_by_us:
+                        self._end(Ending(End.CALLER_HANGUP, CLOSE_NORMAL, "Caller hung up"))
                     return
                 elif isinstance(msg, Ignored) and msg.problem:
                     self._problems += 1
@@ -462,7 +464,8 @@ class AgentStreamCall:
                         log.warning("call %s: ignored carrier frame (%s): %s [%d so far]",
                                     self.call_id, msg.what, msg.problem, self._problems)
         except CarrierDisconnected:
-            self._end(Ending(End.CALLER_HANGUP, CLOSE_NORMAL, "Caller hung up"))
+            if not self._closed_by_us:  # we closed it (runner lost, shutdown): that path decides the ending
+                self._end(Ending(End.CALLER_HANGUP, CLOSE_NORMAL, "Caller hung up"))
 
     async def _on_runner_output(self, msg: NatsMsg) -> None:
         if self._ending.done() or self.start is None:
@@ -523,15 +526,19 @@ class AgentStreamCall:
     async def _on_runner_lost(self) -> Ending | None:
         """The runner stopped heartbeating. Returns how the call ends, or None if it was recovered.
 
-        Today the call is ended: call-control hangs up the carrier leg and records the run as failed.
-        The resume issue replaces the body with a re-offer (``resume=True``, ``attempt + 1``) and
-        returns None on success, so the media loop carries on with the new runner.
+        Today the call is ended: the carrier is told why (1011) FIRST, because the hangup that follows
+        makes the carrier tear the stream down and the reason would be lost; then call-control hangs up
+        the carrier leg and records the run as failed. The resume issue replaces the body with a
+        re-offer (``resume=True``, ``attempt + 1``) and returns None on success, so the media loop
+        carries on with the new runner.
         """
         log.warning("call %s: no heartbeat from runner %s for %.1fs; runner lost",
                     self.call_id, self._runner_id, self.settings.heartbeat_timeout_s)
         self._runner_ready = False
-        await self._hangup_or_end("runner_lost")
-        return Ending(End.RUNNER_LOST, CLOSE_INTERNAL, "Agent runner lost")
+        ending = Ending(End.RUNNER_LOST, CLOSE_INTERNAL, "Agent runner lost")
+        await self._close(ending.code, ending.reason)
+        await self._hangup_or_end(End.RUNNER_LOST.value)
+        return ending
 
     async def _hangup_or_end(self, reason: str) -> None:
         """Ask call-control to hang up the carrier leg and fail the run; fall back to ending the run here."""
@@ -568,6 +575,7 @@ class AgentStreamCall:
             await self._publish_end("completed", "caller_hangup")
         elif ending.kind is End.SHUTDOWN:
             if self.start is not None:
+                await self._close(ending.code, ending.reason)  # before the hangup, as for a lost runner
                 await self._hangup_or_end(End.SHUTDOWN.value)
             else:
                 await self._publish_end("failed", End.SHUTDOWN.value)
@@ -606,5 +614,6 @@ class AgentStreamCall:
             if self._closed:
                 return
             self._closed = True
+            self._closed_by_us = True
             with contextlib.suppress(Exception):
                 await self.ws.close(code=code, reason=fit_close_reason(reason))
