@@ -361,3 +361,11 @@ async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
         assert path in spec["paths"], path
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_readyz_reports_a_dead_dependency(start_service: Callable[..., Any], sqlite_url: str) -> None:
+    async with start_service(sqlite_url, redis_url="redis://127.0.0.1:1/0", consumer=False) as svc:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://c") as c:
+            r = await c.get("/readyz")
+    assert r.status_code == 503
+    assert r.json()["checks"] == {"database": True, "redis": False, "nats": True}

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging("config")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrate.upgrade logs what changed
     try:
         settings = ConfigSettings()
         if args.command == "serve":

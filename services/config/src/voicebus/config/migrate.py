@@ -55,9 +55,14 @@ def _current(conn: Connection) -> str | None:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+    before = await current_revision(engine)
     async with engine.begin() as conn:
         await conn.run_sync(_upgrade, revision)
-    log.info("database schema at %s", await current_revision(engine))
+    after = await current_revision(engine)
+    if before != after:
+        log.info("database schema migrated from %s to %s", before or "empty", after)
+    else:
+        log.debug("database schema already at %s", after)
 
 
 async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:

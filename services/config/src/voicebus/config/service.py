@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from types import TracebackType
@@ -32,6 +33,8 @@ from voicebus.config.store import Store
 from voicebus.kit import Health, connect_nats
 
 log = logging.getLogger("voicebus.config")
+
+HEALTH_TIMEOUT_S = 2.0
 
 
 def secret_box(settings: ConfigSettings) -> SecretBox:
@@ -125,10 +128,14 @@ class ConfigService:
             with contextlib.suppress(Exception):
                 await self.nc.close()
 
+    # Bounded, so /readyz answers "not ready" quickly instead of hanging on a dead server.
     async def _db_ok(self) -> bool:
-        async with self.engine.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+        async def probe() -> None:
+            async with self.engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+
+        await asyncio.wait_for(probe(), HEALTH_TIMEOUT_S)
         return True
 
     async def _redis_ok(self) -> bool:
-        return bool(await self.redis.ping())
+        return bool(await asyncio.wait_for(self.redis.ping(), HEALTH_TIMEOUT_S))
