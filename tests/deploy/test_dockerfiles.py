@@ -566,3 +566,22 @@ def test_image_starts_passes_its_healthcheck_and_stops_on_sigterm(
     output = logs.read_text(errors="replace")
     assert code == 0, f"{image} did not exit cleanly on SIGTERM (exit {code}):\n{output[-4000:]}"
     assert secret_key not in output, f"{image} logged VOICEBUS_SECRET_KEY"
+
+
+def test_config_image_refuses_the_placeholder_secret_key(
+    built_images: Callable[[str], Path], tmp_path: Path, nats_url: str, redis_url: str, subject_prefix: str,
+) -> None:
+    """secret.yaml promises that deploying its placeholder fails closed instead of encrypting with it."""
+    import yaml
+
+    (secret,) = [d for d in yaml.safe_load_all((REPO / "deploy/k8s/secret.yaml").read_text()) if d]
+    placeholder = secret["stringData"]["VOICEBUS_SECRET_KEY"]
+    venv = built_images("config")
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8", **_configmap(),
+           "NATS_URL": nats_url, "REDIS_URL": redis_url, "VOICEBUS_SUBJECT_PREFIX": subject_prefix,
+           "VOICEBUS_HTTP_HOST": "127.0.0.1", "VOICEBUS_CONFIG_PORT": str(_free_port()),
+           "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'voicebus.db'}", "VOICEBUS_SECRET_KEY": placeholder}
+    proc = subprocess.run([str(venv / "bin" / "voicebus-config"), "serve"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=STOP_DEADLINE_S, check=False)
+    assert proc.returncode != 0, "config started with the placeholder key from secret.yaml"
+    assert "VOICEBUS_SECRET_KEY" in proc.stdout + proc.stderr, "the refusal must say which setting is wrong"
