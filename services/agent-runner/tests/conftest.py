@@ -187,19 +187,19 @@ class FakeIngress:
     async def wait_frames(self, n: int, timeout: float = 10.0) -> None:
         await wait_until(lambda: len(self.frames) >= n, timeout, f"{n} media.out frames", self.changed)
 
-    async def wait_quiet(self, quiet_s: float = 0.4, timeout: float = 20.0) -> None:
-        """Wait until some agent audio was heard and then none for ``quiet_s`` (the agent finished)."""
-        await self.wait_frames(1, timeout)
+    async def wait_quiet(self, quiet_s: float = 0.4, timeout: float = 20.0, *, after: int = 0) -> None:
+        """Wait until agent audio beyond the first ``after`` frames was heard, then none for ``quiet_s``."""
+        await self.wait_frames(after + 1, timeout)
         deadline = time.monotonic() + timeout
         while True:
-            seen = len(self.frames)
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), quiet_s)
-            if len(self.frames) == seen:
+            silent_for = time.monotonic() - self.frames[-1].at
+            if silent_for >= quiet_s:
                 return
             if time.monotonic() > deadline:
                 raise AssertionError("the agent never stopped speaking")
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), quiet_s - silent_for)
 
     async def close(self) -> None:
         await self.stop_media()

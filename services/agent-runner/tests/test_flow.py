@@ -149,3 +149,13 @@ def test_hangup_start_node_and_end() -> None:
     e2.begin()
     e2.end()
     assert e2.on_dtmf("1") == [] and e2.on_interrupted() == [] and e2.phase == "ended"
+
+
+def test_greeting_is_the_prompt_when_start_node_is_silent() -> None:
+    flow = ScriptedFlow(start="wait", nodes={"wait": FlowNode(say="", timeout_secs=9)})
+    e = FlowEngine(flow, greeting="Hello.", goodbye="Bye.")
+    acts = e.begin()
+    assert acts[0] == Say("Hello.") and Checkpoint("wait", 1) in acts
+    assert not any(isinstance(a, StartTimer) for a in acts)
+    assert e.phase == "speaking"  # barge-in may cut the greeting
+    assert e.on_played(token_of(acts)) == [StartTimer(9)]

@@ -104,8 +104,15 @@ class FlowEngine:
             if resume_node not in self.flow.nodes:
                 raise FlowError(f"checkpointed node {resume_node!r} is not in this flow")
             return self._enter(resume_node)
-        acts: list[Action] = [Say(self.greeting)] if self.greeting.strip() else []
-        return acts + self._enter(self.flow.start)
+        acts = self._enter(self.flow.start)
+        if not self.greeting.strip():
+            return acts
+        if self.phase == "waiting":
+            # The start node says nothing: the greeting is the prompt, so the silence timer (and
+            # barge-in) wait for it to be heard.
+            acts = [a for a in acts if not isinstance(a, StartTimer)]
+            return [Say(self.greeting), *acts, *self._speak([])]
+        return [Say(self.greeting), *acts]
 
     def on_played(self, token: int) -> list[Action]:
         if self.phase != "speaking" or token != self._pending:

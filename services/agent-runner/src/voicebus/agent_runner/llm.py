@@ -19,7 +19,6 @@ Pipeline shape (the call session adds the transport, the VAD and the TTS around 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from pipecat.adapters.llm.schemas.function_schema import FunctionSchema
 from pipecat.adapters.llm.schemas.tools_schema import ToolsSchema
@@ -56,6 +55,29 @@ log = logging.getLogger("voicebus.agent_runner.llm")
 END_CALL_TOOL = "end_call"
 # The openai client refuses to start without a key; local OpenAI-compatible servers ignore it.
 NO_KEY = "voicebus-no-key"
+
+
+class _ClosingClient:
+    """pipecat leaves the OpenAI client (an httpx pool) open after the pipeline; close it per call."""
+
+    _client: object
+
+    async def cleanup(self) -> None:
+        await super().cleanup()  # type: ignore[misc]
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception as e:  # closing is best effort; the call is over either way
+                log.debug("closing the OpenAI client failed: %s", e)
+
+
+class CallLLMService(_ClosingClient, OpenAILLMService):
+    pass
+
+
+class CallSTTService(_ClosingClient, OpenAISTTService):
+    pass
 
 
 def dtmf_user_text(digit: str) -> str:
@@ -119,17 +141,16 @@ def build_llm_processors(control: CallControl, definition: AgentDefinition,
                     "conversation is complete.",
         properties={}, required=[], handler=end_call)])
 
-    restored = [m for m in (resume.messages if resume else []) if isinstance(m, dict)]
-    if restored:
-        messages: list[Any] = restored
-    else:
-        messages = [{"role": "system", "content": spec.system_prompt}]
-    context = LLMContext(messages=messages, tools=tools)
+    # The system prompt rides the service settings (pipecat 1.9+), so the context, and with it the
+    # checkpoint, holds only the conversation itself.
+    restored = [m for m in (resume.messages if resume else [])
+                if isinstance(m, dict) and m.get("role") != "system"]
+    context = LLMContext(messages=list(restored), tools=tools)
 
-    settings = OpenAILLMService.Settings(model=spec.model)
+    settings = OpenAILLMService.Settings(model=spec.model, system_instruction=spec.system_prompt)
     if spec.temperature is not None:
         settings.temperature = spec.temperature
-    llm = OpenAILLMService(api_key=api_key, base_url=spec.base_url, settings=settings)
+    llm = CallLLMService(api_key=api_key, base_url=spec.base_url, settings=settings)
 
     aggregators = LLMContextAggregatorPair(
         context,
@@ -153,7 +174,7 @@ def build_llm_processors(control: CallControl, definition: AgentDefinition,
 
     before: list[FrameProcessor] = []
     if spec.stt_model:
-        before.append(OpenAISTTService(api_key=api_key, base_url=spec.base_url,
+        before.append(CallSTTService(api_key=api_key, base_url=spec.base_url,
                                        settings=OpenAISTTService.Settings(model=spec.stt_model)))
     answer_on_start = bool(restored) and restored[-1].get("role") == "user"
     before += [

@@ -28,13 +28,15 @@ from voicebus.agent_runner.settings import RunnerSettings
 from voicebus.bus.events import checkpoint_store, ensure_events_stream, publish_event
 from voicebus.bus.messages import CallAnswered, CallCheckpoint, CallOffer, OfferAccepted
 from voicebus.bus.rpc import BusError, serve
-from voicebus.bus.subjects import EVT_CALL_ANSWERED, RUNNER_QUEUE, Subjects
+from voicebus.bus.subjects import EVT_CALL_ANSWERED, RUNNER_QUEUE, Subjects, check_token
 from voicebus.kit import Health, connect_nats, health_router
 
 log = logging.getLogger("voicebus.agent_runner")
 
 # Calls still running when the drain deadline passes get this long to hang up before we exit anyway.
 SHUTDOWN_GRACE_S = 20.0
+# Silero VAD runs at 8 or 16 kHz only; telephony is 8 kHz (wideband carriers 16 kHz).
+SUPPORTED_RATES = (8000, 16000)
 
 
 class Runner:
@@ -140,6 +142,13 @@ class Runner:
     async def _on_offer(self, offer: CallOffer) -> OfferAccepted:
         ctx = self._ctx
         assert ctx is not None
+        try:
+            check_token(offer.call_id, "call id")
+        except ValueError as e:
+            raise BusError("invalid_request", f"{e}: a call id must be one subject token") from e
+        if offer.media.sample_rate not in SUPPORTED_RATES:
+            raise BusError("invalid_request", f"media.sample_rate {offer.media.sample_rate} is not supported "
+                                              f"(the runner takes {' or '.join(map(str, SUPPORTED_RATES))} Hz)")
         existing = self.sessions.get(offer.call_id)
         if existing is not None and existing.offer.attempt == offer.attempt and not existing.ending:
             return OfferAccepted(call_id=offer.call_id, runner_id=self.runner_id)  # a retried request
