@@ -203,3 +203,26 @@ async def test_reaper_ends_leaseless_runs_past_max_age(start_service: Any, sqlit
         assert await helpers.eventually(reaped, timeout=3, what="leaseless run reaped") == [run.id]
         rec = await svc.store.get_run(run.id)
         assert (rec.state, rec.end_reason) == ("failed", NO_LEASE_REASON)
+
+
+async def test_reaper_waits_for_the_event_backlog(svc: ConfigService, org: Any, helpers: Any) -> None:
+    """After a restart with unapplied events, the run's real end wins over 'abandoned'."""
+    lease = await svc.quota.acquire(org.id, 10)
+    run = await new_run(svc, org.id, lease.lease_id)
+    assert svc.consumer is not None and svc.reaper is not None
+    await svc.consumer.stop()  # config "down": events pile up in the stream
+    await publish_call_ended(svc.js, svc.subjects, ev(CallEnded, run, state="completed", reason="caller_hangup"))
+    await svc.quota.release(org.id, lease.lease_id)  # the holder released, then died
+
+    assert await svc.reaper.run_once() == []
+    assert await svc.reaper.run_once() == []  # lease gone twice, but the backlog is not applied yet
+    assert (await svc.store.get_run(run.id)).state == "created"
+
+    consumer = EventConsumer(svc.js, svc.subjects, svc.store, svc.quota)
+    await consumer.start()
+    try:
+        rec = await run_where(svc, run.id, lambda r: r.state == "completed", helpers, "backlog applied")
+        assert rec.end_reason == "caller_hangup"
+        assert await svc.reaper.run_once() == []
+    finally:
+        await consumer.stop()

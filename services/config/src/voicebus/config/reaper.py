@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from datetime import timedelta
 
@@ -19,6 +20,7 @@ from nats.js import JetStreamContext
 from voicebus.bus.events import publish_call_ended
 from voicebus.bus.messages import CallEnded
 from voicebus.bus.subjects import Subjects
+from voicebus.config.consumer import durable_name
 from voicebus.config.db import utcnow
 from voicebus.config.quota import Quota
 from voicebus.config.store import Store
@@ -29,6 +31,8 @@ LEASE_EXPIRED_REASON = "abandoned: quota lease expired (holder stopped renewing)
 NO_LEASE_REASON = "abandoned: no quota lease and older than the longest allowed call"
 PROCESSED_EVENTS_KEEP = timedelta(days=8)  # longer than the events stream keeps messages (7 days)
 PRUNE_EVERY = timedelta(hours=1)
+# Longest a suspect waits for the event consumer to catch up (a poison message must not stop the reaper).
+MAX_CATCH_UP_WAIT_S = 60.0
 
 
 class Reaper:
@@ -40,10 +44,12 @@ class Reaper:
         self.run_max_age = timedelta(seconds=run_max_age_s)
         self.js = js
         self.subjects = subjects
-        # Runs seen without a lease on the previous pass. A run is reaped only when its lease is
-        # missing on two passes in a row: a holder that releases the lease and then publishes
-        # call.ended gets one interval for that event to land before we call it abandoned.
-        self._suspects: set[int] = set()
+        # Runs seen without a lease, with when and at which events-stream position they were first
+        # seen so. A run is reaped only when its lease is missing on two passes in a row (a holder
+        # that releases the lease and then publishes call.ended gets one interval for that event to
+        # land) AND the event consumer has applied everything published up to that first sighting
+        # (after a restart with a backlog, the run's real call.ended may still be in the stream).
+        self._suspects: dict[int, tuple[float, int | None]] = {}
         self._last_prune = utcnow() - PRUNE_EVERY
         self._task: asyncio.Task[None] | None = None
 
@@ -80,8 +86,22 @@ class Reaper:
             for run_id, lease_id, call_id in runs:
                 if lease_id not in live:
                     missing[run_id] = (org_id, lease_id, call_id)
-        confirmed = [r for r in missing if r in self._suspects]
-        self._suspects = set(missing) - set(confirmed)
+        position = await self._events_position() if missing else None
+        last_seq, applied_seq = position if position else (None, None)
+        now = time.monotonic()
+        confirmed: list[int] = []
+        suspects: dict[int, tuple[float, int | None]] = {}
+        for run_id in missing:
+            if run_id not in self._suspects:
+                suspects[run_id] = (now, last_seq)
+                continue
+            first_seen, seq = self._suspects[run_id]
+            caught_up = seq is None or applied_seq is None or applied_seq >= seq
+            if caught_up or now - first_seen > MAX_CATCH_UP_WAIT_S:
+                confirmed.append(run_id)
+            else:
+                suspects[run_id] = (first_seen, seq)
+        self._suspects = suspects
         for run_id in confirmed:
             org_id, lease_id, call_id = missing[run_id]
             if await self.store.finish_run(run_id, "failed", LEASE_EXPIRED_REASON) is not None:
@@ -100,6 +120,18 @@ class Reaper:
             self._last_prune = utcnow()
             await self.store.prune_processed_events(utcnow() - PROCESSED_EVENTS_KEEP)
         return reaped
+
+    async def _events_position(self) -> tuple[int, int] | None:
+        """(last sequence in the events stream, last sequence the consumer has fully applied), or
+        None when unknown (no JetStream handle, or no durable consumer: then only passes count)."""
+        if self.js is None or self.subjects is None:
+            return None
+        try:
+            stream = await self.js.stream_info(self.subjects.events_stream)
+            consumer = await self.js.consumer_info(self.subjects.events_stream, durable_name(self.subjects))
+        except Exception:
+            return None
+        return int(stream.state.last_seq), int(consumer.ack_floor.stream_seq if consumer.ack_floor else 0)
 
     async def _announce(self, run_id: int, org_id: int, call_id: str | None, lease_id: str | None,
                         reason: str) -> None:
