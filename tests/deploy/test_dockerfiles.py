@@ -566,6 +566,9 @@ def test_image_starts_passes_its_healthcheck_and_stops_on_sigterm(
     output = logs.read_text(errors="replace")
     assert code == 0, f"{image} did not exit cleanly on SIGTERM (exit {code}):\n{output[-4000:]}"
     assert secret_key not in output, f"{image} logged VOICEBUS_SECRET_KEY"
+    # The pods run with a read-only root filesystem: only /tmp (an emptyDir) may be written to.
+    written = [str(p.relative_to(tmp_path)) for p in (*workdir.rglob("*"), tmp_path / "home") if p.exists()]
+    assert not written, f"{image} wrote outside /tmp, which fails on a read-only root filesystem: {written}"
 
 
 def test_config_image_refuses_the_placeholder_secret_key(
