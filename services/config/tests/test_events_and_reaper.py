@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from voicebus.bus import subjects as sj
 from voicebus.bus.agent import demo_definition
@@ -23,9 +24,10 @@ from voicebus.bus.messages import (
     RunRecord,
 )
 from voicebus.config import ConfigService
-from voicebus.config.consumer import EventConsumer
+from voicebus.config.consumer import EventConsumer, is_transient
 from voicebus.config.quota import Quota
 from voicebus.config.reaper import LEASE_EXPIRED_REASON, NO_LEASE_REASON
+from voicebus.config.store import event_key
 
 
 async def new_run(svc: ConfigService, org_id: int, lease_id: str | None = None, call_id: str = "call-1") -> RunRecord:
@@ -105,19 +107,43 @@ async def test_duplicate_event_applied_once(svc: ConfigService, org: Any, helper
     assert n == 1
 
 
-async def test_bad_events_do_not_block_the_stream(svc: ConfigService, org: Any, helpers: Any) -> None:
-    run = await new_run(svc, org.id)
-    await svc.js.publish(svc.subjects.evt(sj.EVT_CALL_ENDED), b'{"not": "an event"}')
-    await svc.js.publish(svc.subjects.evt("call.transferred"), b'{"whatever": 1}')
-    await publish(svc, sj.EVT_CALL_STARTED, CallStarted(call_id="x", run_id=999_999, organization_id=org.id,
-                                                        source="t", provider="cloudonix"))
-    # Names another organization: ignored rather than letting one tenant touch another's run.
-    await publish_call_ended(svc.js, svc.subjects, CallEnded(call_id="x", run_id=run.id, organization_id=org.id + 1,
-                                                             source="t", state="failed", reason="spoofed"))
-    # A telephony configuration of another organization is not attached.
-    await publish(svc, sj.EVT_CALL_STARTED, ev(CallStarted, run, provider="cloudonix", telephony_config_id=424242))
-    rec = await run_where(svc, run.id, lambda r: r.state == "running", helpers, "valid event after bad ones")
-    assert rec.telephony_configuration_id is None and rec.end_reason is None
+async def test_bad_events_do_not_block_the_stream(start_service: Any, db_url: str, helpers: Any) -> None:
+    async with start_service(db_url) as svc:
+        org = await helpers.new_org(svc)
+        run = await new_run(svc, org.id)
+        await svc.js.publish(svc.subjects.evt(sj.EVT_CALL_ENDED), b'{"not": "an event"}')
+        await svc.js.publish(svc.subjects.evt("call.transferred"), b'{"whatever": 1}')
+        await publish(svc, sj.EVT_CALL_STARTED, CallStarted(call_id="x", run_id=999_999, organization_id=org.id,
+                                                            source="t", provider="cloudonix"))
+        # Values PostgreSQL would refuse (int4 overflow, a 100-character id) must not wedge the consumer.
+        await publish(svc, sj.EVT_CALL_ANSWERED, CallAnswered(call_id="x", run_id=2**40, organization_id=org.id,
+                                                              source="t", runner_id="r"))
+        long_id = ev(CallHangup, run, outcome="long-id", event_id="e" * 100)
+        await publish(svc, sj.EVT_CALL_HANGUP, long_id)
+        # Names another organization: ignored rather than letting one tenant touch another's run.
+        await publish_call_ended(svc.js, svc.subjects, CallEnded(
+            call_id="x", run_id=run.id, organization_id=org.id + 1, source="t", state="failed", reason="spoofed"))
+        # A telephony configuration that is not the organization's is not attached.
+        await publish(svc, sj.EVT_CALL_STARTED, ev(CallStarted, run, provider="cloudonix",
+                                                   telephony_config_id=2**40))
+        rec = await run_where(svc, run.id, lambda r: r.state == "running", helpers, "valid event after bad ones")
+        assert rec.telephony_configuration_id is None and rec.end_reason is None
+        assert rec.logs["carrier_hangup"]["outcome"] == "long-id"
+        await publish(svc, sj.EVT_CALL_HANGUP, long_id, msg_id=uuid.uuid4().hex)  # its duplicate is recognized
+        await publish(svc, sj.EVT_CALL_HANGUP, ev(CallHangup, run, outcome="marker"))
+        await run_where(svc, run.id, lambda r: r.logs["carrier_hangup"]["outcome"] == "marker", helpers, "marker")
+        async with svc.engine.connect() as conn:
+            n = await conn.scalar(sa.text("SELECT count(*) FROM processed_events WHERE event_id = :e"),
+                                  {"e": event_key(long_id.event_id)})
+        assert n == 1
+
+
+def test_transient_errors_are_told_apart_from_bugs() -> None:
+    assert is_transient(sa.exc.OperationalError("SELECT 1", {}, Exception("connection refused")))
+    assert is_transient(RedisConnectionError("down"))
+    assert is_transient(ConnectionRefusedError())
+    assert not is_transient(sa.exc.IntegrityError("INSERT", {}, Exception("duplicate")))
+    assert not is_transient(ValueError("bug"))
 
 
 async def test_durable_consumer_catches_up(start_service: Any, sqlite_url: str, helpers: Any) -> None:

@@ -164,6 +164,13 @@ async def test_run_create_and_update_refuse_bad_references(nc: NATS, cfg: Any, s
         await request(nc, cfg(sj.CFG_RUN_UPDATE),
                       RunUpdate(run_id=run.id, telephony_configuration_id=other_cfg.id), RunRecord)
     assert e.value.code == "invalid_request"
+    with pytest.raises(BusError) as e:
+        await request(nc, cfg(sj.CFG_RUN_CREATE), RunCreate(organization_id=org.id, **{**base, "name": "W" * 300}),
+                      RunRecord)
+    assert e.value.code == "invalid_request" and "name is longer than 200" in e.value.message
+    with pytest.raises(BusError) as e:
+        await request(nc, cfg(sj.CFG_RUN_GET), RunGetRequest(run_id=2**40), RunRecord)
+    assert e.value.code == "not_found"
     # Malformed requests get a specific error, not a timeout.
     reply = await nc.request(cfg(sj.CFG_RUN_CREATE), b'{"organization_id": "x"}', timeout=3)
     body = json.loads(reply.data)

@@ -17,6 +17,9 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from voicebus.bus import subjects as sj
 from voicebus.bus.messages import CallAnswered, CallEnded, CallHangup, CallStarted, LifecycleEvent
@@ -35,6 +38,17 @@ EVENT_MODELS: dict[str, type[LifecycleEvent]] = {
 }
 ACK_WAIT_S = 30
 RETRY_DELAY_S = 2.0
+# A message that fails this often for a reason other than an unreachable database or Redis is a
+# poison message (it would be retried forever): it is logged in full and dropped.
+MAX_DELIVERIES_ON_BUG = 5
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Unreachable dependencies: retry for as long as it takes; the event must not be lost."""
+    if isinstance(exc, OperationalError | InterfaceError | RedisConnectionError | RedisTimeoutError | OSError |
+                  TimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def durable_name(subjects: Subjects) -> str:
@@ -113,9 +127,24 @@ class EventConsumer:
                 await self.quota.release(organization_id, lease_id)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("applying %s %s failed; will be redelivered", msg.subject, event.event_id)
+        except Exception as e:
+            delivered = _num_delivered(msg)
+            if not is_transient(e) and delivered >= MAX_DELIVERIES_ON_BUG:
+                log.exception("dropping %s event %s (run %s) after %d failed deliveries: %s", msg.subject,
+                              event.event_id, event.run_id, delivered, event.model_dump_json())
+                with contextlib.suppress(Exception):
+                    await msg.term()
+                return
+            log.warning("applying %s %s failed (%s: %s); will be redelivered", msg.subject, event.event_id,
+                        type(e).__name__, e)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=RETRY_DELAY_S)
             return
         await msg.ack()
+
+
+def _num_delivered(msg: NatsMsg) -> int:
+    try:
+        return int(msg.metadata.num_delivered or 1)
+    except Exception:  # not a JetStream message (tests feeding handle() directly)
+        return 1

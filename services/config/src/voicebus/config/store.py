@@ -68,6 +68,20 @@ LAST_USED_RESOLUTION = timedelta(seconds=60)
 ACTIVE_STATES = ("created", "running")
 
 
+MAX_DB_ID = 2**31 - 1  # INTEGER columns; a larger id from a client can only be "not found"
+# Column sizes of the run fields a client sends (PostgreSQL enforces them, SQLite does not).
+RUN_FIELD_LIMITS = {"name": 200, "call_id": 200, "mode": 32, "quota_lease_id": 64}
+
+
+def _id_ok(value: int) -> bool:
+    return 0 < value <= MAX_DB_ID
+
+
+def event_key(event_id: str) -> str:
+    """``processed_events`` key: the id itself, or its SHA-256 when a publisher sent a longer one."""
+    return event_id if len(event_id) <= 64 else hashlib.sha256(event_id.encode()).hexdigest()
+
+
 def hash_api_key(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
@@ -148,7 +162,7 @@ class Store:
             return _org_out(await self._org(s, organization_id))
 
     async def _org(self, s: AsyncSession, organization_id: int) -> Organization:
-        org = await s.get(Organization, organization_id)
+        org = await s.get(Organization, organization_id) if _id_ok(organization_id) else None
         if org is None:
             raise NotFound(f"organization {organization_id} not found")
         return org
@@ -165,6 +179,8 @@ class Store:
             return _org_out(org)
 
     async def call_limit(self, organization_id: int) -> int:
+        if not _id_ok(organization_id):
+            raise NotFound(f"organization {organization_id} not found")
         async with self.tx() as s:
             limit = await s.scalar(sa.select(Organization.concurrent_call_limit)
                                    .where(Organization.id == organization_id))
@@ -187,7 +203,7 @@ class Store:
 
     async def revoke_api_key(self, organization_id: int, key_id: int) -> ApiKeyOut:
         async with self.tx() as s:
-            key = await s.get(ApiKey, key_id, with_for_update=True)
+            key = await s.get(ApiKey, key_id, with_for_update=True) if _id_ok(key_id) else None
             if key is None or key.organization_id != organization_id:
                 raise NotFound(f"API key {key_id} not found")
             if key.revoked_at is None:
@@ -398,7 +414,7 @@ class Store:
 
     async def _telephony(self, s: AsyncSession, organization_id: int | None, config_id: int,
                          lock: bool = False) -> TelephonyConfiguration:
-        cfg = await s.get(TelephonyConfiguration, config_id, with_for_update=lock)
+        cfg = await s.get(TelephonyConfiguration, config_id, with_for_update=lock) if _id_ok(config_id) else None
         if cfg is None or (organization_id is not None and cfg.organization_id != organization_id):
             raise NotFound(f"telephony configuration {config_id} not found")
         return cfg
@@ -486,6 +502,10 @@ class Store:
 
     # ================================================================ runs
     async def create_run(self, req: RunCreate) -> RunRecord:
+        for name, limit in RUN_FIELD_LIMITS.items():
+            value = getattr(req, name)
+            if value is not None and len(value) > limit:
+                raise Invalid(f"{name} is longer than {limit} characters", (name,))
         now = utcnow()
         async with self.tx() as s:
             await self._org(s, req.organization_id)
@@ -503,7 +523,7 @@ class Store:
 
     async def _run(self, s: AsyncSession, run_id: int, organization_id: int | None = None,
                    lock: bool = False) -> WorkflowRun:
-        run = await s.get(WorkflowRun, run_id, with_for_update=lock)
+        run = await s.get(WorkflowRun, run_id, with_for_update=lock) if _id_ok(run_id) else None
         if run is None or (organization_id is not None and run.organization_id != organization_id):
             raise NotFound(f"run {run_id} not found")
         return run
@@ -555,7 +575,7 @@ class Store:
             return run_record(run), (run.quota_lease_id if ended_now else None)
 
     async def _check_config_of_org(self, s: AsyncSession, config_id: int, organization_id: int) -> bool:
-        org = await s.scalar(sa.select(TelephonyConfiguration.organization_id)
+        org = None if not _id_ok(config_id) else await s.scalar(sa.select(TelephonyConfiguration.organization_id)
                              .where(TelephonyConfiguration.id == config_id))
         if org != organization_id:
             raise Invalid(f"telephony configuration {config_id} does not exist in organization {organization_id}",
@@ -605,9 +625,10 @@ class Store:
         """Apply one lifecycle event exactly once (``processed_events``), in one transaction."""
         try:
             async with self.tx() as s:
-                if await s.get(ProcessedEvent, event.event_id) is not None:
+                key = event_key(event.event_id)
+                if await s.get(ProcessedEvent, key) is not None:
                     return await self._after_duplicate(s, event)
-                s.add(ProcessedEvent(event_id=event.event_id, processed_at=utcnow()))
+                s.add(ProcessedEvent(event_id=key, processed_at=utcnow()))
                 await s.flush()
                 return await self._apply(s, event)
         except IntegrityError:  # another replica applied it concurrently
@@ -619,12 +640,12 @@ class Store:
         # release): releasing is idempotent, so do it again.
         out = EventOutcome(applied=False)
         if isinstance(event, CallEnded):
-            run = await s.get(WorkflowRun, event.run_id)
+            run = await s.get(WorkflowRun, event.run_id) if _id_ok(event.run_id) else None
             out.release = _leases_of(event, run)
         return out
 
     async def _apply(self, s: AsyncSession, event: LifecycleEvent) -> EventOutcome:
-        run = await s.get(WorkflowRun, event.run_id, with_for_update=True)
+        run = await s.get(WorkflowRun, event.run_id, with_for_update=True) if _id_ok(event.run_id) else None
         if run is None:
             log.warning("event %s for unknown run %s ignored", event.event_id, event.run_id)
             return EventOutcome(applied=False)
@@ -638,7 +659,7 @@ class Store:
             if not terminal:
                 run.state = "running"
             run.started_at = run.started_at or event.at
-            if event.telephony_config_id is not None:
+            if event.telephony_config_id is not None and _id_ok(event.telephony_config_id):
                 org = await s.scalar(sa.select(TelephonyConfiguration.organization_id)
                                      .where(TelephonyConfiguration.id == event.telephony_config_id))
                 if org == run.organization_id:
