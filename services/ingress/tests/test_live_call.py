@@ -247,6 +247,7 @@ async def test_runner_lost_asks_call_control_to_hang_up(harness: Harness):
     detected = loop.time() - died
     assert (code, reason) == (1011, "Agent runner lost")
     assert 1.0 <= detected < 3.0  # 1.5 s of silence (minus up to one heartbeat interval), plus slack
+    await harness.changes.wait(lambda: harness.callcontrol.hangups)  # asked right after the close
     assert len(harness.callcontrol.hangups) == 1
     hangup = harness.callcontrol.hangups[0]
     assert (hangup.call_id, hangup.run_id) == (call.offer.call_id, harness.config.only_run.id)
