@@ -294,8 +294,20 @@ RunnerFactory = Callable[..., Awaitable[Runner]]
 
 
 @pytest.fixture
+async def jetstream_cleanup(nc: NATS, subject_prefix: str) -> AsyncIterator[None]:
+    """Leave no per-test events stream or checkpoint bucket behind on the shared NATS server."""
+    yield
+    subjects = Subjects(prefix=subject_prefix)
+    js = nc.jetstream()
+    with contextlib.suppress(Exception):
+        await js.delete_stream(subjects.events_stream)
+    with contextlib.suppress(Exception):
+        await js.delete_key_value(subjects.checkpoint_bucket)
+
+
+@pytest.fixture
 async def make_runner(nats_url: str, subject_prefix: str, models: SharedModels,
-                      nc: NATS) -> AsyncIterator[RunnerFactory]:
+                      jetstream_cleanup: None) -> AsyncIterator[RunnerFactory]:
     runners: list[Runner] = []
 
     async def factory(**overrides: Any) -> Runner:
@@ -312,13 +324,6 @@ async def make_runner(nats_url: str, subject_prefix: str, models: SharedModels,
     finally:
         for runner in runners:
             await runner.stop(drain_timeout_s=0)
-        # Leave no per-test stream or bucket behind on the shared server.
-        subjects = Subjects(prefix=subject_prefix)
-        js = nc.jetstream()
-        with contextlib.suppress(Exception):
-            await js.delete_stream(subjects.events_stream)
-        with contextlib.suppress(Exception):
-            await js.delete_key_value(subjects.checkpoint_bucket)
 
 
 @pytest.fixture

@@ -105,3 +105,25 @@ async def test_llm_agent_hears_speech_through_stt(make_runner: RunnerFactory, in
     await ing.wait_quiet(after=before)
     assert len(ing.frames) > before + 40  # the answer was spoken
     await ing.caller_hangup()
+
+
+async def test_resumed_llm_call_restores_messages_and_answers_pending_input(
+        make_runner: RunnerFactory, ingress, call_control: FakeCallControl, standin: RunningStandin,
+        nc: NATS, subjects: Subjects) -> None:
+    await make_runner()
+    ing: FakeIngress = ingress()
+    history = [{"role": "assistant", "content": "Hello, how can I help?"},
+               {"role": "user", "content": dtmf_user_text("4")}]
+    kv = await checkpoint_store(nc.jetstream(), subjects)
+    await kv.put(ing.call_id, CallCheckpoint(call_id=ing.call_id, run_id=42, runner_id="dead-runner", turn=1,
+                                             messages=history).encode())
+    definition = AgentDefinition(greeting="A greeting that a resumed call must not hear again.", barge_in=False,
+                                 llm=LLMSpec(base_url=standin.base_url, model="voicebus-standin"))
+    await ing.offer(definition, resume=True, attempt=2)
+    # The caller's last input had no answer yet: the resumed agent answers it straight away.
+    await wait_until(lambda: bool(chat_requests(standin)), 10, "a chat request on resume")
+    body = chat_requests(standin)[0]
+    assert [m for m in body["messages"] if m["role"] != "system"] == history
+    await ing.wait_quiet()
+    assert 40 < len(ing.frames) < 200  # "You said: The caller pressed 4.", no greeting
+    await ing.caller_hangup()

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -268,7 +269,8 @@ class CallSession:
             enable_rtvi=False,
             idle_timeout_secs=None,
             cancel_on_idle_timeout=False,
-            enable_turn_tracking=False,
+            enable_turn_tracking=_tracing_enabled(),
+            enable_tracing=_tracing_enabled(),
             conversation_id=self.call_id,
             name=f"call-{self.call_id[:12]}",
         )
@@ -409,6 +411,11 @@ class CallSession:
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=f"{name}-{self.call_id[:8]}")
         self._tasks.append(task)
+
+
+def _tracing_enabled() -> bool:
+    """pipecat's conversation/turn/tts spans, when the service exports traces at all (see observability)."""
+    return os.environ.get("OTEL_TRACES_EXPORTER", "none").lower() not in ("", "none")
 
 
 def _announcement_flow(definition: AgentDefinition) -> ScriptedFlow:

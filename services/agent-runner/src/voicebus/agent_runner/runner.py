@@ -37,6 +37,7 @@ log = logging.getLogger("voicebus.agent_runner")
 SHUTDOWN_GRACE_S = 20.0
 # Silero VAD runs at 8 or 16 kHz only; telephony is 8 kHz (wideband carriers 16 kHz).
 SUPPORTED_RATES = (8000, 16000)
+ANSWERED_TIMEOUT_S = 1.5
 
 
 class Runner:
@@ -63,6 +64,8 @@ class Runner:
         self._ctx: RunnerContext | None = None
         self._offer_sub: Subscription | None = None
         self._sync_lock = asyncio.Lock()
+        self.started = False
+        self.health.add("started", lambda: self.started)
         self.health.add("nats", lambda: self._nc is not None and self._nc.is_connected)
         self.health.add("accepting", lambda: not self.draining)
 
@@ -78,6 +81,7 @@ class Runner:
         self._ctx = RunnerContext(nc=self._nc, js=js, subjects=self.subjects, runner_id=self.runner_id,
                                   models=self.models, settings=self.settings, checkpoints=kv)
         await self._sync_subscription()
+        self.started = True
         log.info("runner %s ready: capacity %d, prefix %s", self.runner_id, self.settings.capacity,
                  self.subjects.prefix)
 
@@ -170,21 +174,31 @@ class Runner:
         self.health.info["active_calls"] = len(self.sessions)
         try:
             await session.prepare()
-            await publish_event(ctx.js, self.subjects, EVT_CALL_ANSWERED, CallAnswered(
-                call_id=offer.call_id, run_id=offer.run_id, organization_id=offer.organization_id,
-                source=SOURCE, runner_id=self.runner_id))
         except Exception as e:
             log.exception("call %s: could not accept the offer", offer.call_id)
             await session.discard()
             self._forget(session)
             raise BusError("internal", f"runner could not accept the call: {type(e).__name__}") from e
 
+        await self._publish_answered(offer)
         task = self._spawn(session.run())
         task.add_done_callback(lambda _t: self._forget(session))
         log.info("call %s accepted (run %s, %s%s, %d/%d busy)", offer.call_id, offer.run_id,
                  offer.agent.definition.mode, ", resume" if offer.resume else "", len(self._busy),
                  self.settings.capacity)
         return OfferAccepted(call_id=offer.call_id, runner_id=self.runner_id)
+
+    async def _publish_answered(self, offer: CallOffer) -> None:
+        """Best effort: a JetStream hiccup should cost the run its "answered" mark, not the caller the call."""
+        assert self._ctx is not None
+        event = CallAnswered(call_id=offer.call_id, run_id=offer.run_id, organization_id=offer.organization_id,
+                             source=SOURCE, runner_id=self.runner_id)
+        try:
+            await asyncio.wait_for(publish_event(self._ctx.js, self.subjects, EVT_CALL_ANSWERED, event),
+                                   ANSWERED_TIMEOUT_S)
+        except Exception as e:
+            log.warning("call %s: could not publish call.answered (%s); the call goes on", offer.call_id,
+                        type(e).__name__)
 
     async def _load_checkpoint(self, offer: CallOffer) -> CallCheckpoint | None:
         assert self._ctx is not None
