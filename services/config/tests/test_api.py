@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from voicebus.bus.agent import demo_definition
-from voicebus.bus.messages import RunCreate, RunRecord
+from voicebus.bus.messages import RunCreate, RunRecord, RunUpdate
 from voicebus.config import ConfigService
 from voicebus.telephony import all_specs
 
@@ -281,8 +281,6 @@ async def test_delete_telephony_in_use_by_live_run(client: httpx.AsyncClient, or
         "provider": "cloudonix", "name": "m", "credentials": {"domain_id": "d1", "bearer_token": TOKEN}})).json()
     run = await svc.store.create_run(RunCreate(organization_id=org.id, agent_uuid=agent["uuid"], name="WR-1",
                                                call_type="inbound", mode="cloudonix"))
-    from voicebus.bus.messages import RunUpdate
-
     await svc.store.update_run(RunUpdate(run_id=run.id, state="running", telephony_configuration_id=cfg["id"]))
     r = await client.delete(f"/api/v1/telephony-configurations/{cfg['id']}", headers=org.headers)
     assert r.status_code == 409 and "active run" in r.json()["detail"]
@@ -314,8 +312,6 @@ async def test_runs_listing_filters_and_shape(client: httpx.AsyncClient, org: An
             organization_id=org.id, agent_uuid=agent["uuid"], name=f"WR-AGS-{i:08d}", call_type="inbound",
             mode="cloudonix", initial_context={"caller_number": "+1555"}, gathered_context={"call_id": f"c{i}"}))
         ids.append(run.id)
-    from voicebus.bus.messages import RunUpdate
-
     await svc.store.update_run(RunUpdate(run_id=ids[0], state="running"))
 
     runs = (await client.get("/api/v1/runs", headers=org.headers)).json()

@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from voicebus.bus import subjects as sj
-from voicebus.bus.agent import demo_definition
+from voicebus.bus.agent import AgentDefinition, demo_definition
 from voicebus.bus.messages import (
     AgentResolveRequest,
     QuotaAcquireRequest,
@@ -54,8 +54,6 @@ async def make_agent(svc: ConfigService, org_id: int, publish: bool = False) -> 
 
 
 async def test_agent_resolve_draft_then_published(nc: NATS, cfg: Any, svc: ConfigService, org: Any) -> None:
-    from voicebus.bus.agent import AgentDefinition
-
     definition = AgentDefinition(greeting="v1", llm={"base_url": "http://127.0.0.1:9/v1", "model": "m",
                                                      "api_key": "sk-secret-value-9876"})
     agent = await svc.store.create_agent(org.id, "LLM", definition)

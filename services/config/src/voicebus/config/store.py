@@ -246,7 +246,11 @@ class Store:
                                stored: dict[str, Any] | None) -> AgentDefinition:
         submitted = definition.model_dump(mode="json")
         try:
-            restored = restore_masked(submitted, self._plain_definition(stored) if stored else None, SECRET_PATHS)
+            stored_plain = self._plain_definition(stored) if stored else None
+        except SecretUnreadableError:
+            stored_plain = None  # masked values cannot be kept, but a real new key can still be saved
+        try:
+            restored = restore_masked(submitted, stored_plain, SECRET_PATHS)
         except MaskedValueError as e:
             raise Invalid(str(e), ("body", "definition", *e.path)) from None
         return AgentDefinition.model_validate(restored)
