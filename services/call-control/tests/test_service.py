@@ -319,8 +319,8 @@ async def test_waiter_gives_up_with_in_progress(stack: Stack) -> None:
 async def test_one_replica_handles_slow_requests_concurrently(stack: Stack) -> None:
     """A slow carrier must not queue every other request behind it (rpc.serve concurrency)."""
     sessions = [stack.session(f"conc-{i}") for i in range(4)]
-    stack.cloudonix.state.delay_s = 0.4
+    stack.cloudonix.state.delay_s = 0.5
     t0 = time.monotonic()
     results = await asyncio.gather(*(validate(stack, s) for s in sessions))
     assert all(r.valid for r in results)
-    assert time.monotonic() - t0 < 1.2  # sequential handling would take >= 1.6 s
+    assert time.monotonic() - t0 < 1.5  # sequential handling would take >= 2 s

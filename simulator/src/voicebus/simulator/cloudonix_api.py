@@ -185,8 +185,9 @@ def create_app(state: CloudonixState | None = None) -> FastAPI:
                 and secrets.compare_digest(token.strip(), expected))
 
     async def session_call(request: Request, method: str, domain: str, session: str) -> Response:
-        if st.delay_s:
-            await asyncio.sleep(st.delay_s)
+        if st.delay_s:  # simulated latency; cut short when the stand-in shuts down
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(st.closing.wait(), st.delay_s)
         d = normalize_domain(domain)
         ok = authorize(request, d)
         s = st.sessions.get(session)
