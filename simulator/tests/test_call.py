@@ -419,3 +419,27 @@ async def test_cli_call_prints_a_json_report_without_the_url(tmp_path: Path) -> 
                                                 stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
     assert proc.returncode == 2 and b"DTMF digits" in err
+
+
+async def test_unexpected_messages_are_reported_and_the_call_goes_on() -> None:
+    async def play(ws: ServerConnection, agent: Agent) -> None:
+        await agent.recv(ws)
+        start = await agent.recv(ws)
+        sid = start["streamSid"]
+        for junk in [b"\x00\x01", "not json", "[1, 2]", json.dumps({"event": "media", "streamSid": sid}),
+                     json.dumps({"event": "media", "streamSid": sid, "media": {"payload": "%%%"}}),
+                     json.dumps({"event": "mark", "streamSid": sid, "mark": "x"}),
+                     json.dumps({"event": "dance", "streamSid": sid}),
+                     json.dumps({"event": "clear", "streamSid": "MZother"})]:
+            await ws.send(junk)
+        await agent.until(ws, "stop")
+
+    async with agent_server(play) as (url, agent):
+        report = await place_call(url, CallScript(hangup_after_s=0.5))
+        await asyncio.wait_for(agent.done.wait(), 5)
+    whats = [e.detail["what"] for e in report.find("unexpected_message")]
+    assert whats == ["binary frame of 2 bytes", "not JSON: 'not json'", "JSON that is not an object: '[1, 2]'",
+                     "media without a payload", "media with a payload that is not base64", "event 'mark'",
+                     "event 'dance'"]
+    assert report.first("stream_sid_mismatch").detail == {"got": "MZother"}
+    assert report.hung_up_by == "caller" and report.audio_bytes == 0 and agent.closed_code == 1000

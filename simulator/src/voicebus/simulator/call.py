@@ -428,10 +428,13 @@ class _Call:
                     continue
                 try:
                     msg = json.loads(raw)
-                    kind = msg.get("event")
-                except (ValueError, AttributeError):
+                except ValueError:
                     self.event("unexpected_message", what=f"not JSON: {raw[:60]!r}")
                     continue
+                if not isinstance(msg, dict):
+                    self.event("unexpected_message", what=f"JSON that is not an object: {raw[:60]!r}")
+                    continue
+                kind = msg.get("event")
                 if msg.get("streamSid") not in (None, self.s.stream_sid) and not self.report.find(
                         "stream_sid_mismatch"):
                     self.event("stream_sid_mismatch", got=msg.get("streamSid"))
@@ -439,8 +442,8 @@ class _Call:
                     self.on_media(msg)
                 elif kind == "clear":
                     self.on_clear()
-                elif kind == "mark":
-                    name = str((msg.get("mark") or {}).get("name", ""))
+                elif kind == "mark" and isinstance(msg.get("mark"), dict):
+                    name = str(msg["mark"].get("name", ""))
                     self.pending_marks.append((self.queued_total, name))
                     self.report.marks.append(name)
                     self.event("mark_received", name=name)
@@ -452,9 +455,13 @@ class _Call:
             self.finish("server_closed")
 
     def on_media(self, msg: dict[str, Any]) -> None:
+        media = msg.get("media")
+        if not isinstance(media, dict) or not isinstance(media.get("payload"), str):
+            self.event("unexpected_message", what="media without a payload")
+            return
         try:
-            payload = base64.b64decode((msg.get("media") or {}).get("payload", ""), validate=True)
-        except (ValueError, TypeError):
+            payload = base64.b64decode(media["payload"], validate=True)
+        except ValueError:
             self.event("unexpected_message", what="media with a payload that is not base64")
             return
         if not payload:
