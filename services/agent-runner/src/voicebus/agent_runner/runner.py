@@ -127,7 +127,8 @@ class Runner:
 
     async def _sync_subscription(self) -> None:
         async with self._sync_lock:
-            assert self._nc is not None
+            if self._nc is None or self._ctx is None:
+                return  # not started (or start failed): there is no subscription to manage
             want = not self.draining and self.free_slots > 0 and not self._nc.is_closed
             if want and self._offer_sub is None:
                 self._offer_sub = await serve(self._nc, self.subjects.dispatch_offer, CallOffer, self._on_offer,
