@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nats
+import nats.errors
 import numpy as np
 import pytest
 import soxr
@@ -143,7 +144,7 @@ class FakeIngress:
     # ---- media.in: 20 ms frames paced like a carrier (silence unless speech is queued) ----
     def start_media(self) -> None:
         if self._feeder is None:
-            self._feeder = asyncio.create_task(self._feed())
+            self._feeder = asyncio.create_task(self._feed(), name=f"feed-{self.call_id}")
 
     def say(self, pcm: bytes) -> None:
         self._speech.extend(pcm)
@@ -165,7 +166,10 @@ class FakeIngress:
                 del self._speech[:FRAME_BYTES]
             else:
                 chunk = bytes(FRAME_BYTES)
-            await self.nc.publish(subject, chunk, headers={"vb-seq": str(n), "vb-ts": str(n * 20)})
+            try:
+                await self.nc.publish(subject, chunk, headers={"vb-seq": str(n), "vb-ts": str(n * 20)})
+            except nats.errors.ConnectionClosedError:
+                return  # the test is over and its connection closed under us
             n += 1
             self.media_sent = n
             await asyncio.sleep(max(0.0, start + n * 0.02 - time.monotonic()))
