@@ -16,6 +16,9 @@ import wave
 
 import numpy as np
 
+# Whisper writes small numbers either way ("press one" / "press 1"); compare in one form.
+_DIGITS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine".split())}
+
 
 @functools.cache
 def _whisper():  # type: ignore[no-untyped-def]
@@ -26,11 +29,12 @@ def _whisper():  # type: ignore[no-untyped-def]
 
 
 def transcribe_8k(pcm16: bytes) -> str:
-    """Lower-case words of 8 kHz PCM16 mono audio, punctuation removed."""
+    """Lower-case words of 8 kHz PCM16 mono audio, punctuation removed, number words as digits."""
     audio = np.frombuffer(audioop.ratecv(pcm16, 2, 1, 8000, 16000, None)[0], dtype=np.int16)
     segments, _ = _whisper().transcribe(audio.astype(np.float32) / 32768.0, language="en", beam_size=1)
     text = " ".join(s.text for s in segments).lower()
-    return " ".join(re.sub(r"[^a-z0-9 ]+", " ", text).split())
+    words = re.sub(r"[^a-z0-9 ]+", " ", text).split()
+    return " ".join(_DIGITS.get(w, w) for w in words)
 
 
 @functools.cache
