@@ -181,7 +181,8 @@ class CallSession:
                 await self._run_pipeline()
         except Exception:
             log.exception("call %s: pipeline failed", self.call_id)
-            self._set_end("pipeline_error")
+            if self.end_reason is None:
+                self._set_end("pipeline_error")
         finally:
             if self.end_reason is None:
                 # The pipeline stopped without anyone asking (e.g. a fatal processor error).
@@ -197,6 +198,8 @@ class CallSession:
     async def abort(self, reason: str) -> None:
         """End now, without a goodbye: the caller is gone, ingress is lost, or the runner is shutting down."""
         if self.end_reason is not None:
+            if reason == CALLER_GONE and self._worker is not None:
+                await self._worker.cancel(reason=reason)  # nobody is left to hear the goodbye
             return
         self._set_end(reason)
         log.info("call %s: ending (%s)", self.call_id, reason)

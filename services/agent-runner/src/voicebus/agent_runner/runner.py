@@ -95,8 +95,10 @@ class Runner:
             try:
                 await asyncio.wait_for(self._wait_idle(), timeout)
             except TimeoutError:
-                log.warning("drain deadline passed; ending %d call(s)", len(self.sessions))
-                for session in list(self.sessions.values()):
+                remaining = list(self.sessions.values())
+                if remaining:
+                    log.warning("drain deadline passed; ending %d call(s)", len(remaining))
+                for session in remaining:
                     await session.abort("runner_shutdown")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wait_idle(), SHUTDOWN_GRACE_S)
