@@ -8,14 +8,10 @@ the product. Timeouts are shortened through the services' own settings so refusa
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -23,6 +19,7 @@ import httpx
 import pytest
 
 from voicebus.bus.agent import demo_definition
+from voicebus.cli.demo import create_org
 from voicebus.cli.stack import Stack, StackConfig
 from voicebus.simulator.cloudonix_api import RunningCloudonixApi, run_cloudonix_api
 
@@ -92,14 +89,6 @@ class E2E:
         await eventually(probe, timeout, "every quota slot to be released")
 
 
-def _create_org(stack: Stack, name: str, limit: int | None = None) -> dict[str, Any]:
-    argv = [str(Path(sys.executable).parent / "voicebus-config"), "create-org", "--name", name, "--json"]
-    if limit is not None:
-        argv += ["--concurrent-calls", str(limit)]
-    out = subprocess.run(argv, env=stack.base_env(), capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 async def _agent(admin: httpx.AsyncClient) -> str:
     resp = await admin.post("/api/v1/agents", json={"name": "e2e agent", "definition": demo_definition().model_dump()})
     assert resp.status_code == 201, resp.text
@@ -133,8 +122,8 @@ async def e2e(nats_url: str, redis_url: str, postgres_url: str,
         try:
             await asyncio.to_thread(stack.start_servers)
             await asyncio.to_thread(stack.start_services, 120.0)
-            org = _create_org(stack, "e2e org")
-            limited = _create_org(stack, "limited org", limit=0)
+            org = create_org(stack, "e2e org")
+            limited = create_org(stack, "limited org", concurrent_calls=0)
             async with httpx.AsyncClient(base_url=stack.config_url, trust_env=False, timeout=10,
                                          headers={"Authorization": f"Bearer {org['api_key']}"}) as admin, \
                     httpx.AsyncClient(base_url=stack.config_url, trust_env=False, timeout=10,

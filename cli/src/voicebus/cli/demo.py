@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -33,11 +35,11 @@ def step(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
-def create_org(stack: Stack, name: str) -> dict[str, Any]:
-    out = subprocess.run(
-        [str(Path(sys.executable).parent / "voicebus-config"), "create-org", "--name", name, "--json"],
-        env=stack.base_env(), capture_output=True, text=True, timeout=60,
-    )
+def create_org(stack: Stack, name: str, concurrent_calls: int | None = None) -> dict[str, Any]:
+    argv = [str(Path(sys.executable).parent / "voicebus-config"), "create-org", "--name", name, "--json"]
+    if concurrent_calls is not None:
+        argv += ["--concurrent-calls", str(concurrent_calls)]
+    out = subprocess.run(argv, env=stack.base_env(), capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise RuntimeError(f"voicebus-config create-org failed: {out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -85,37 +87,56 @@ async def _demo(home: Path, as_json: bool) -> int:
                 await asyncio.to_thread(stack.stop)
 
 
-async def _call(stack: Stack, cloudonix_url: str, token: str, home: Path, as_json: bool) -> int:
-    for name, svc in stack.services.items():
-        step(f"{name} healthy at {svc.health_url}")
-    org = create_org(stack, "Demo organization")
-    step(f"created organization {org['organization_id']} and its API key (voicebus-config create-org)")
+@dataclass
+class Tenant:
+    """What a user sets up before the first call: an org + key, a published agent, a Cloudonix config."""
+
+    api_key: str
+    agent_uuid: str
+    telephony_config_id: int
+
+    def stream_url(self, stack: Stack, call_id: str, domain: str = DEMO_DOMAIN) -> str:
+        query = urlencode({"provider": "cloudonix", "Domain": domain, "callId": call_id,
+                           "from": "+15555550100", "to": "+15555550199"})
+        return f"{stack.ingress_ws_url}/api/v1/agent-stream/{self.agent_uuid}?{query}"
+
+
+async def setup_tenant(stack: Stack, admin_url: str, token: str, *, concurrent_calls: int | None = None,
+                       say: Callable[[str], None] = lambda _: None) -> Tenant:
+    org = create_org(stack, "Demo organization", concurrent_calls)
+    say(f"created organization {org['organization_id']} and its API key (voicebus-config create-org)")
     headers = {"Authorization": f"Bearer {org['api_key']}"}
-    async with httpx.AsyncClient(base_url=stack.config_url, headers=headers, timeout=10, trust_env=False) as admin:
+    async with httpx.AsyncClient(base_url=admin_url, headers=headers, timeout=10, trust_env=False) as admin:
         resp = await admin.post("/api/v1/agents", json={"name": "Demo receptionist",
                                                         "definition": demo_definition().model_dump()})
         resp.raise_for_status()
         agent = resp.json()
         (await admin.post(f"/api/v1/agents/{agent['uuid']}/publish")).raise_for_status()
-        step(f"created and published agent {agent['name']!r} ({agent['uuid']})")
+        say(f"created and published agent {agent['name']!r} ({agent['uuid']})")
         resp = await admin.post("/api/v1/telephony-configurations", json={
             "provider": "cloudonix", "name": "Demo Cloudonix domain",
             "credentials": {"domain_id": DEMO_DOMAIN, "bearer_token": token}})
         resp.raise_for_status()
         tcfg = resp.json()
-        step(f"created Cloudonix configuration {tcfg['id']} for {DEMO_DOMAIN} "
-             f"(token stored encrypted, shown as {tcfg['credentials']['bearer_token']})")
+        say(f"created Cloudonix configuration {tcfg['id']} for {DEMO_DOMAIN} "
+            f"(token stored encrypted, shown as {tcfg['credentials']['bearer_token']})")
+    return Tenant(org["api_key"], agent["uuid"], int(tcfg["id"]))
 
+
+async def _call(stack: Stack, cloudonix_url: str, token: str, home: Path, as_json: bool) -> int:
+    for name, svc in stack.services.items():
+        step(f"{name} healthy at {svc.health_url}")
+    tenant = await setup_tenant(stack, stack.config_url, token, say=step)
+    headers = {"Authorization": f"Bearer {tenant.api_key}"}
+    async with httpx.AsyncClient(base_url=stack.config_url, headers=headers, timeout=10, trust_env=False) as admin:
         call_id = f"demo-{secrets.token_hex(4)}"
-        query = urlencode({"provider": "cloudonix", "Domain": DEMO_DOMAIN, "callId": call_id,
-                           "from": "+15555550100", "to": "+15555550199"})
-        url = f"{stack.ingress_ws_url}/api/v1/agent-stream/{agent['uuid']}?{query}"
+        url = tenant.stream_url(stack, call_id)
         wav = home / "call.wav"
         script = CallScript(domain=DEMO_DOMAIN, cloudonix_api=cloudonix_url, record_path=wav,
                             actions=[CallerAction.dtmf("1")], max_duration_s=90)
         step("placing a simulated Cloudonix call; the caller presses 1 when the agent stops speaking")
         report: CallReport = await place_call(url, script)
-        run = await wait_for_terminal_run(admin, agent["uuid"], call_id)
+        run = await wait_for_terminal_run(admin, tenant.agent_uuid, call_id)
 
     if as_json:
         print(json.dumps({"call": report.to_dict(), "run": run}, indent=2, default=str))
