@@ -295,6 +295,7 @@ async def call_control(nc: NATS, subjects: Subjects) -> AsyncIterator[FakeCallCo
 
 
 RunnerFactory = Callable[..., Awaitable[Runner]]
+IngressFactory = Callable[[], FakeIngress]
 
 
 @pytest.fixture
@@ -331,7 +332,7 @@ async def make_runner(nats_url: str, subject_prefix: str, models: SharedModels,
 
 
 @pytest.fixture
-async def ingress(nc: NATS, subjects: Subjects) -> AsyncIterator[Callable[[], FakeIngress]]:
+async def ingress(nc: NATS, subjects: Subjects) -> AsyncIterator[IngressFactory]:
     made: list[FakeIngress] = []
 
     def factory() -> FakeIngress:

@@ -15,7 +15,7 @@ from voicebus.bus.messages import CallCheckpoint
 from voicebus.bus.subjects import Subjects
 from voicebus.simulator.llm_standin import RunningStandin, running_standin
 
-from .conftest import FakeCallControl, FakeIngress, RunnerFactory, wait_until
+from .conftest import FakeCallControl, FakeIngress, IngressFactory, RunnerFactory, wait_until
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def last_user_text(body: dict[str, Any]) -> str:
 
 
 async def test_llm_agent_answers_dtmf_and_ends_call_with_tool(
-        make_runner: RunnerFactory, ingress, call_control: FakeCallControl, standin: RunningStandin,
+        make_runner: RunnerFactory, ingress: IngressFactory, call_control: FakeCallControl, standin: RunningStandin,
         nc: NATS, subjects: Subjects) -> None:
     await make_runner()
     ing: FakeIngress = ingress()
@@ -84,7 +84,7 @@ async def test_llm_agent_answers_dtmf_and_ends_call_with_tool(
     assert last_user_text(chat_requests(standin)[-1]) == dtmf_user_text("9")
 
 
-async def test_llm_agent_hears_speech_through_stt(make_runner: RunnerFactory, ingress,
+async def test_llm_agent_hears_speech_through_stt(make_runner: RunnerFactory, ingress: IngressFactory,
                                                   call_control: FakeCallControl, standin: RunningStandin,
                                                   speech_pcm: bytes) -> None:
     await make_runner()
@@ -108,7 +108,7 @@ async def test_llm_agent_hears_speech_through_stt(make_runner: RunnerFactory, in
 
 
 async def test_resumed_llm_call_restores_messages_and_answers_pending_input(
-        make_runner: RunnerFactory, ingress, call_control: FakeCallControl, standin: RunningStandin,
+        make_runner: RunnerFactory, ingress: IngressFactory, call_control: FakeCallControl, standin: RunningStandin,
         nc: NATS, subjects: Subjects) -> None:
     await make_runner()
     ing: FakeIngress = ingress()

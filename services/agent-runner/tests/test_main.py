@@ -66,7 +66,11 @@ async def test_process_serves_health_takes_a_call_and_drains_on_sigterm(
             proc.send_signal(signal.SIGTERM)
             # Draining: no longer ready, the call goes on, the process waits for it.
             for _ in range(50):
-                r = await http.get("/readyz")
+                try:
+                    r = await http.get("/readyz")
+                except httpx.TransportError as e:
+                    raise AssertionError(f"health endpoint gone while draining ({e!r}); exit "
+                                         f"{proc.returncode}; log:\n{log_path.read_text()[-3000:]}") from e
                 if r.status_code == 503:
                     break
                 await asyncio.sleep(0.05)

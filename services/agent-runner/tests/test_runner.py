@@ -18,7 +18,7 @@ from voicebus.bus.messages import CallAnswered, CallCheckpoint, CallEnded, Offer
 from voicebus.bus.rpc import BusError, request
 from voicebus.bus.subjects import EVT_CALL_ANSWERED, EVT_CALL_ENDED, EVT_CALL_FAILED, Subjects
 
-from .conftest import FRAME_BYTES, FakeCallControl, FakeIngress, RunnerFactory, rms, wait_until
+from .conftest import FRAME_BYTES, FakeCallControl, FakeIngress, IngressFactory, RunnerFactory, rms, wait_until
 
 MENU = AgentDefinition(
     greeting="Hi.",
@@ -48,7 +48,8 @@ async def collect_events(nc: NATS, subjects: Subjects) -> tuple[list[tuple[str, 
 
 
 async def test_greeting_is_speech_in_paced_20ms_frames_and_call_is_answered(
-        make_runner: RunnerFactory, ingress, call_control: FakeCallControl, nc: NATS, subjects: Subjects) -> None:
+        make_runner: RunnerFactory, ingress: IngressFactory, call_control: FakeCallControl, nc: NATS,
+        subjects: Subjects) -> None:
     runner = await make_runner()
     events, changed, _sub = await collect_events(nc, subjects)
     ing: FakeIngress = ingress()
@@ -73,7 +74,7 @@ async def test_greeting_is_speech_in_paced_20ms_frames_and_call_is_answered(
     await ing.caller_hangup()
 
 
-async def test_capacity_one_takes_no_second_offer(make_runner: RunnerFactory, ingress,
+async def test_capacity_one_takes_no_second_offer(make_runner: RunnerFactory, ingress: IngressFactory,
                                                   call_control: FakeCallControl) -> None:
     runner: Runner = await make_runner(capacity=1)
     assert runner.listening.is_set()
@@ -102,7 +103,8 @@ async def test_capacity_one_takes_no_second_offer(make_runner: RunnerFactory, in
 
 
 async def test_dtmf_moves_the_flow_and_hangup_goes_to_call_control(
-        make_runner: RunnerFactory, ingress, call_control: FakeCallControl, nc: NATS, subjects: Subjects) -> None:
+        make_runner: RunnerFactory, ingress: IngressFactory, call_control: FakeCallControl, nc: NATS,
+        subjects: Subjects) -> None:
     runner = await make_runner()
     ing: FakeIngress = ingress()
     kv = await checkpoint_store(nc.jetstream(), subjects)
@@ -139,7 +141,7 @@ async def test_dtmf_moves_the_flow_and_hangup_goes_to_call_control(
         await kv.get(ing.call_id)  # a finished call leaves no checkpoint behind
 
 
-async def test_invalid_digit_is_answered_and_flow_stays(make_runner: RunnerFactory, ingress,
+async def test_invalid_digit_is_answered_and_flow_stays(make_runner: RunnerFactory, ingress: IngressFactory,
                                                         call_control: FakeCallControl, nc: NATS,
                                                         subjects: Subjects) -> None:
     await make_runner()
@@ -157,7 +159,7 @@ async def test_invalid_digit_is_answered_and_flow_stays(make_runner: RunnerFacto
 
 
 async def test_caller_hangup_stops_the_pipeline_without_a_hangup_request(
-        make_runner: RunnerFactory, ingress, call_control: FakeCallControl) -> None:
+        make_runner: RunnerFactory, ingress: IngressFactory, call_control: FakeCallControl) -> None:
     runner = await make_runner()
     ing: FakeIngress = ingress()
     await ing.offer(AgentDefinition(greeting="This greeting is long enough to still be playing when the "
@@ -178,7 +180,7 @@ async def test_caller_hangup_stops_the_pipeline_without_a_hangup_request(
     assert len(ing.heartbeats) <= hb + 1, "heartbeats kept flowing after the call ended"
 
 
-async def test_lost_ingress_ends_call_as_failed(make_runner: RunnerFactory, ingress,
+async def test_lost_ingress_ends_call_as_failed(make_runner: RunnerFactory, ingress: IngressFactory,
                                                 call_control: FakeCallControl) -> None:
     await make_runner(media_timeout_s=0.8)
     ing: FakeIngress = ingress()
@@ -189,7 +191,7 @@ async def test_lost_ingress_ends_call_as_failed(make_runner: RunnerFactory, ingr
 
 
 async def test_unreachable_call_control_runner_publishes_call_ended(
-        make_runner: RunnerFactory, ingress, nc: NATS, subjects: Subjects) -> None:
+        make_runner: RunnerFactory, ingress: IngressFactory, nc: NATS, subjects: Subjects) -> None:
     await make_runner()
     events, changed, _sub = await collect_events(nc, subjects)
     ing: FakeIngress = ingress()
@@ -204,7 +206,7 @@ async def test_unreachable_call_control_runner_publishes_call_ended(
     assert ing.events_of("close")
 
 
-async def test_max_duration_ends_the_call(make_runner: RunnerFactory, ingress,
+async def test_max_duration_ends_the_call(make_runner: RunnerFactory, ingress: IngressFactory,
                                           call_control: FakeCallControl) -> None:
     runner = await make_runner()
     ing: FakeIngress = ingress()
@@ -221,7 +223,7 @@ async def test_max_duration_ends_the_call(make_runner: RunnerFactory, ingress,
     assert ing.frames[-1].at - ing.frames[0].at > 0.9
 
 
-async def test_barge_in_with_real_speech_publishes_clear(make_runner: RunnerFactory, ingress,
+async def test_barge_in_with_real_speech_publishes_clear(make_runner: RunnerFactory, ingress: IngressFactory,
                                                          call_control: FakeCallControl, speech_pcm: bytes) -> None:
     runner = await make_runner()
     ing: FakeIngress = ingress()
@@ -244,8 +246,8 @@ async def test_barge_in_with_real_speech_publishes_clear(make_runner: RunnerFact
     await ing.caller_hangup()
 
 
-async def test_no_barge_in_when_disabled(make_runner: RunnerFactory, ingress, call_control: FakeCallControl,
-                                         speech_pcm: bytes) -> None:
+async def test_no_barge_in_when_disabled(make_runner: RunnerFactory, ingress: IngressFactory,
+                                         call_control: FakeCallControl, speech_pcm: bytes) -> None:
     await make_runner()
     ing: FakeIngress = ingress()
     await ing.offer(AgentDefinition(greeting="Please hold the line for me.", barge_in=False, flow=WAITER.flow))
@@ -258,7 +260,8 @@ async def test_no_barge_in_when_disabled(make_runner: RunnerFactory, ingress, ca
 
 
 async def test_resume_continues_at_checkpointed_node_without_greeting(
-        make_runner: RunnerFactory, ingress, call_control: FakeCallControl, nc: NATS, subjects: Subjects) -> None:
+        make_runner: RunnerFactory, ingress: IngressFactory, call_control: FakeCallControl, nc: NATS,
+        subjects: Subjects) -> None:
     await make_runner()
     ing: FakeIngress = ingress()
     kv = await checkpoint_store(nc.jetstream(), subjects)
@@ -276,7 +279,7 @@ async def test_resume_continues_at_checkpointed_node_without_greeting(
     assert (await call_control.wait_hangup(ing.call_id)).reason == "agent_hangup"
 
 
-async def test_drain_refuses_new_offers_and_waits_for_calls(make_runner: RunnerFactory, ingress,
+async def test_drain_refuses_new_offers_and_waits_for_calls(make_runner: RunnerFactory, ingress: IngressFactory,
                                                             call_control: FakeCallControl) -> None:
     runner = await make_runner()
     ing: FakeIngress = ingress()
@@ -294,7 +297,7 @@ async def test_drain_refuses_new_offers_and_waits_for_calls(make_runner: RunnerF
     assert (await call_control.wait_hangup(ing.call_id)).reason == "agent_hangup"
 
 
-async def test_drain_deadline_ends_remaining_calls(make_runner: RunnerFactory, ingress,
+async def test_drain_deadline_ends_remaining_calls(make_runner: RunnerFactory, ingress: IngressFactory,
                                                    call_control: FakeCallControl) -> None:
     runner = await make_runner()
     ing: FakeIngress = ingress()
@@ -305,7 +308,8 @@ async def test_drain_deadline_ends_remaining_calls(make_runner: RunnerFactory, i
     assert (req.reason, req.end_state) == ("runner_shutdown", "failed")
 
 
-async def test_health_endpoints(make_runner: RunnerFactory, ingress, call_control: FakeCallControl) -> None:
+async def test_health_endpoints(make_runner: RunnerFactory, ingress: IngressFactory,
+                                call_control: FakeCallControl) -> None:
     runner = await make_runner(capacity=3)
     transport = httpx.ASGITransport(app=runner.app())
     async with httpx.AsyncClient(transport=transport, base_url="http://runner") as client:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -29,6 +29,12 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 class _Server(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # the service owns signals, not uvicorn
         pass
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn >= 0.29 takes SIGINT/SIGTERM here with signal.signal() regardless of the method
+        # above, so a SIGTERM would stop the HTTP server before the service has drained.
+        yield
 
 
 async def serve_http(app: FastAPI, host: str, port: int, stop: asyncio.Event) -> None:
