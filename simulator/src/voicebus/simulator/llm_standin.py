@@ -195,6 +195,10 @@ class _Server(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # whoever embeds us owns the signals
         pass
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # uvicorn >= 0.29 would take SIGINT/SIGTERM here
+        yield
+
 
 @contextlib.asynccontextmanager
 async def running_standin(*, port: int = 0, **kwargs: Any) -> AsyncIterator[RunningStandin]:
