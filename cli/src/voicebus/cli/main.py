@@ -14,22 +14,29 @@ from voicebus.cli.stack import Stack, StackConfig
 
 def _up(args: argparse.Namespace) -> int:
     home = Path(args.home)
-    cfg = StackConfig.from_env(
-        home,
-        subject_prefix=os.environ.get("VOICEBUS_SUBJECT_PREFIX", "vb"),
-        ingress_port=args.port_base,
-        config_port=args.port_base + 1,
-        call_control_port=args.port_base + 3,
-        runner_ports=tuple(args.port_base + 10 + i for i in range(args.runners)),
-        runner_capacity=args.capacity,
-        cloudonix_api_url=os.environ.get("CLOUDONIX_API_URL"),
-    )
+    common = dict(subject_prefix=os.environ.get("VOICEBUS_SUBJECT_PREFIX", "vb"), runner_capacity=args.capacity,
+                  cloudonix_api_url=os.environ.get("CLOUDONIX_API_URL"))
+    if args.port_base == 0:
+        ports = StackConfig.free_ports(args.runners)
+        cfg = StackConfig.from_env(home, ingress_port=ports.ingress_port, config_port=ports.config_port,
+                                   call_control_port=ports.call_control_port, runner_ports=ports.runner_ports,
+                                   **common)
+    else:
+        base = args.port_base
+        cfg = StackConfig.from_env(home, ingress_port=base, config_port=base + 1, call_control_port=base + 3,
+                                   runner_ports=(base + 2, *(base + 4 + i for i in range(args.runners - 1))),
+                                   **common)
     stack = Stack(cfg)
     stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    # Explicit handlers: a shell may start us with SIGINT ignored (background job), and Ctrl-C must
+    # mean "stop the services cleanly", not an exception at an arbitrary point of start-up.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
     try:
         stack.start_servers()
         stack.start_services()
+        if stopped.is_set():
+            return 130
         stack.say("")
         stack.say("voicebus is up. Ctrl-C stops everything.")
         stack.say(f"  Agent Stream: {stack.ingress_ws_url}/api/v1/agent-stream/<agent_uuid>"
@@ -66,8 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     up = sub.add_parser("up", help="run NATS, Valkey, SQLite and the four services until Ctrl-C")
     up.add_argument("--home", default=".voicebus", help="where embedded data and logs live (default .voicebus)")
     up.add_argument("--port-base", type=int, default=8080,
-                    help="ingress on BASE, config BASE+1, call-control BASE+3, runners BASE+10.. (default 8080)")
-    up.add_argument("--runners", type=int, default=1, help="agent-runner replicas (default 1)")
+                    help="ingress BASE, config BASE+1, runner BASE+2, call-control BASE+3, "
+                         "more runners BASE+4..; 0 = any free ports (default 8080)")
+    up.add_argument("--runners", type=int, default=1, choices=range(1, 6), metavar="N",
+                    help="agent-runner replicas, 1-5 (default 1)")
     up.add_argument("--capacity", type=int, default=4, help="calls per runner (default 4)")
     up.set_defaults(func=_up)
     demo = sub.add_parser("demo", help="start the embedded stack and place one simulated Cloudonix call")

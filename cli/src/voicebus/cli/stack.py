@@ -153,14 +153,14 @@ class Stack:
         else:
             self._nats = EmbeddedNats(store_dir=home / "nats", log_file=home / "nats.log").start()
             self.nats_url = self._nats.url
-            self.say(f"started embedded NATS (JetStream) at {self.nats_url}")
+            self.say(f"started embedded NATS (JetStream) at {self.nats_url}, pid {self._nats.proc.pid}")
         if self.cfg.redis_url:
             self.redis_url = self.cfg.redis_url
             self.say(f"using Redis at {_safe(self.redis_url)}")
         else:
-            self._valkey = EmbeddedValkey().start()
+            self._valkey = EmbeddedValkey(log_file=home / "valkey.log").start()
             self.redis_url = self._valkey.url
-            self.say(f"started embedded Valkey at {self.redis_url}")
+            self.say(f"started embedded Valkey at {self.redis_url}, pid {self._valkey.proc.pid}")
         if self.cfg.database_url:
             self.database_url = self.cfg.database_url
             self.say(f"using database {_safe(self.database_url)}")
