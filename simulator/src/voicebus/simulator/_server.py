@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -19,6 +19,10 @@ import uvicorn
 class _QuietServer(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # the embedding program owns signals
         pass
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # uvicorn >= 0.29 would take SIGINT/SIGTERM here
+        yield
 
 
 @dataclass

@@ -12,18 +12,16 @@ Serves what voicebus's LLM agents call:
 - ``GET /v1/models``.
 
 Every request is recorded in ``app.state.requests`` for tests. Run it with
-``python -m voicebus.simulator.llm_standin --port 8090``; an agent then uses
-``base_url=http://127.0.0.1:8090/v1``.
+``python -m voicebus.simulator.llm_standin --port 8091``; an agent then uses
+``base_url=http://127.0.0.1:8091/v1``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import re
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +33,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from voicebus.simulator._server import serve_app
 
 DEFAULT_MODEL = "voicebus-standin"
 DEFAULT_TRANSCRIPT = "Hello, I have a question."
@@ -191,15 +191,6 @@ class RunningStandin:
         return self.app.state.requests
 
 
-class _Server(uvicorn.Server):
-    def install_signal_handlers(self) -> None:  # whoever embeds us owns the signals
-        pass
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # uvicorn >= 0.29 would take SIGINT/SIGTERM here
-        yield
-
-
 @contextlib.asynccontextmanager
 async def running_standin(*, port: int = 0, **kwargs: Any) -> AsyncIterator[RunningStandin]:
     """Serve the stand-in on 127.0.0.1 inside the current event loop (port 0 = any free port).
@@ -207,28 +198,15 @@ async def running_standin(*, port: int = 0, **kwargs: Any) -> AsyncIterator[Runn
     The socket is bound and listening before this yields, so callers can connect at once.
     """
     app = create_app(**kwargs)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(64)
-    sock.setblocking(False)
-    server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield RunningStandin(app, int(sock.getsockname()[1]))
-    finally:
-        server.should_exit = True
-        try:
-            await task
-        finally:
-            sock.close()
+    async with serve_app(app, "127.0.0.1", port) as running:
+        yield RunningStandin(app, running.port)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m voicebus.simulator.llm_standin",
                                      description="OpenAI-compatible stand-in LLM/STT server for offline tests.")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--port", type=int, default=8091)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--transcript", default=DEFAULT_TRANSCRIPT, help="What /v1/audio/transcriptions answers.")
     args = parser.parse_args(argv)

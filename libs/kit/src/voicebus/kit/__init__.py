@@ -6,7 +6,7 @@ cleanly on SIGINT/SIGTERM. Keeping them here means the four services differ only
 
 from voicebus.kit.health import Health, health_router
 from voicebus.kit.nats import connect_nats
-from voicebus.kit.service import run_service, serve_http
+from voicebus.kit.service import QuietServer, run_service, serve_http
 from voicebus.kit.settings import ServiceSettings
 
-__all__ = ["Health", "ServiceSettings", "connect_nats", "health_router", "run_service", "serve_http"]
+__all__ = ["Health", "QuietServer", "ServiceSettings", "connect_nats", "health_router", "run_service", "serve_http"]

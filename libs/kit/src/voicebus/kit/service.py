@@ -26,9 +26,23 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         asyncio.run(runner())
 
 
-class _Server(uvicorn.Server):
-    def install_signal_handlers(self) -> None:  # the service owns signals, not uvicorn
+class QuietServer(uvicorn.Server):
+    """uvicorn that leaves signals to the service and says when it is listening.
+
+    The service owns SIGTERM because it must drain (stop taking work, finish calls) before its HTTP
+    server (health, WebSockets) goes away; uvicorn's own handlers would close it at once.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    def install_signal_handlers(self) -> None:
         pass
+
+    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[override]
+        await super().startup(sockets=sockets)
+        self.listening.set()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -41,7 +55,7 @@ async def serve_http(app: FastAPI, host: str, port: int, stop: asyncio.Event) ->
     """Serve ``app`` until ``stop`` is set. Access logs are off: URLs can carry credentials."""
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
                             ws_ping_interval=20, ws_ping_timeout=20)
-    server = _Server(config)
+    server = QuietServer(config)
     task = asyncio.create_task(server.serve())
     stopper = asyncio.create_task(stop.wait())
     _done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -19,7 +19,7 @@ from voicebus.bus.subjects import Subjects
 from voicebus.ingress.bus import BusClient
 from voicebus.ingress.call import AgentStreamCall
 from voicebus.ingress.settings import IngressSettings
-from voicebus.kit import Health, connect_nats, health_router
+from voicebus.kit import Health, QuietServer, connect_nats, health_router
 from voicebus.observability import redact
 from voicebus.telephony.agent_stream import CLOSE_POLICY
 
@@ -61,21 +61,6 @@ def install_url_redaction() -> None:
             logger.addFilter(_FILTER)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn that leaves signals to the service and tells us when it is listening."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.listening = asyncio.Event()
-
-    def install_signal_handlers(self) -> None:
-        pass
-
-    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[override]
-        await super().startup(sockets=sockets)
-        self.listening.set()
-
-
 class IngressService:
     def __init__(self, settings: IngressSettings | None = None, nc: NATS | None = None) -> None:
         self.settings = settings or IngressSettings()
@@ -89,7 +74,7 @@ class IngressService:
         self.health = Health("ingress")
         self.health.info["active_calls"] = 0
         self.app = self._build_app()
-        self._server: _Server | None = None
+        self._server: QuietServer | None = None
         self._server_task: asyncio.Task[None] | None = None
         self.port: int = self.settings.port
 
@@ -151,7 +136,7 @@ class IngressService:
             self.app, host=self.settings.http_host, port=self.settings.port, log_config=None, access_log=False,
             lifespan="off", ws_ping_interval=20, ws_ping_timeout=20, ws_max_size=1 << 20, server_header=False,
         )
-        self._server = _Server(config)
+        self._server = QuietServer(config)
         self._server_task = asyncio.create_task(self._server.serve(), name="ingress-http")
         listening = asyncio.create_task(self._server.listening.wait())
         await asyncio.wait({self._server_task, listening}, return_when=asyncio.FIRST_COMPLETED)
