@@ -206,17 +206,21 @@ class CallSession:
         if self._worker is not None:
             await self._worker.cancel(reason=reason)
 
-    async def discard(self) -> None:
-        """Undo :meth:`prepare` for an offer that could not be accepted (ingress will offer it elsewhere)."""
-        self._ckpt_closed = True
-        for task in self._tasks:
-            task.cancel()
+    async def _detach(self) -> None:
+        """Stop heartbeating and leave the call's subjects: from now on ingress sees this runner gone."""
         if self._hb_task is not None:
             self._hb_task.cancel()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
+
+    async def discard(self) -> None:
+        """Undo :meth:`prepare` for an offer that could not be accepted (ingress will offer it elsewhere)."""
+        self._ckpt_closed = True
+        for task in self._tasks:
+            task.cancel()
+        await self._detach()
         self.pipeline_done.set()
         self.done.set()
 
@@ -359,12 +363,7 @@ class CallSession:
             await self._publish_event_out(CloseEvent(reason=reason, state=state).encode())
             await self._request_hangup(reason, state)
         await self._drop_checkpoint()
-        if self._hb_task is not None:
-            self._hb_task.cancel()
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        self._subs.clear()
+        await self._detach()
         out = self._transport.output() if self._transport else None
         log.info("call %s ended: %s/%s after %.1fs (media in %d frames, out %d frames, %d clears)",
                  self.call_id, state, reason, time.monotonic() - self._started_at, self._media_frames,
