@@ -23,7 +23,6 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -453,27 +452,9 @@ STOP_DEADLINE_S = 30.0
 
 
 @pytest.fixture(scope="module")
-def smoke_database_url(postgres_server_url: str) -> Iterator[str]:
+def smoke_database_url(pg_databases: Any) -> str:
     """A database of its own, so the config image migrates an empty schema like a first install."""
-    import asyncio
-
-    import asyncpg
-
-    name = f"vb_deploy_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(postgres_server_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        base = postgres_server_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
-        yield f"{base}/{name}"
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    return pg_databases.create("vb_deploy")
 
 
 def _configmap() -> dict[str, str]:

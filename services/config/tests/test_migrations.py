@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +34,9 @@ COLUMNS = {
 
 
 @pytest.fixture
-async def fresh_pg(postgres_server_url: str) -> AsyncIterator[str]:
+def fresh_pg(pg_databases: Any) -> str:
     """A database of its own: downgrading must not pull tables from under other tests."""
-    import asyncpg
-
-    name = f"vb_mig_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(postgres_server_url)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    yield postgres_server_url.rsplit("/", 1)[0] + f"/{name}"  # plain postgresql:// on purpose
-    conn = await asyncpg.connect(postgres_server_url)
-    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await conn.close()
+    return pg_databases.create("vb_mig", plain=True)  # plain postgresql:// on purpose
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
