@@ -32,7 +32,7 @@ TERMINAL = {"completed", "failed"}
 
 
 def step(msg: str) -> None:
-    print(f"==> {msg}", flush=True)
+    print(f"==> {msg}", file=sys.stderr, flush=True)
 
 
 def create_org(stack: Stack, name: str, concurrent_calls: int | None = None) -> dict[str, Any]:
