@@ -25,7 +25,8 @@ from voicebus.config.crypto import (
 @pytest.mark.parametrize(("value", "masked"), [
     ("sk-live-abcdefgh1234", "****1234"),
     ("123456789012", "****9012"),
-    ("12345678901", "****"),
+    ("12345678", "****5678"),
+    ("1234567", "****"),
     ("abc", "****"),
     ("", ""),
     (None, None),
