@@ -231,7 +231,11 @@ async def test_agent_close_closes_the_socket_and_leaves_the_terminal_event_to_ot
     code, reason, received = await closed(ws)
     assert (code, reason) == (1000, "Agent ended the call")
     assert [type(parse_server_frame(f)) for f in received] == [ServerMedia]  # audio before the close is delivered
-    await harness.changes.wait(harness.config.all_leases_released)
+    assert harness.ingress is not None
+    await asyncio.wait_for(harness.ingress._idle.wait(), 10)  # the call has fully concluded in ingress
+    # The terminal event is call-control's, published after the carrier hangup: ingress must not free the
+    # slot before it (config's reaper would call the run abandoned); config releases it on that event.
+    assert harness.config.released == []
     assert harness.events.terminal() == []
     assert not any(isinstance(e, CallerHangupEvent) for e in call.events)
     assert harness.callcontrol.hangups == []

@@ -194,8 +194,23 @@ class AgentStreamCall:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-            released = await self.bus.release_quota(self.lease.organization_id, self.lease.lease_id)
-            log.info("call %s: quota lease released=%s", self.call_id, released)
+            await self._release_lease()
+
+    async def _release_lease(self) -> None:
+        """Release the slot, unless the terminal event is someone else's to publish.
+
+        Config's reaper fails a running run whose lease is gone and trusts only events published before
+        the lease went. When the agent hangs up, call-control publishes the terminal event after its
+        carrier hangup, which can land after this socket is closed; releasing here would let the reaper
+        call a completed call abandoned. So then the lease is left to config, which releases it when it
+        applies that event (or lets it expire, and the run fail, if the event never comes).
+        """
+        assert self.lease is not None
+        if self._ending.done() and self._ending.result().kind is End.AGENT_CLOSE:
+            log.info("call %s: quota lease left to config (ended by the agent)", self.call_id)
+            return
+        released = await self.bus.release_quota(self.lease.organization_id, self.lease.lease_id)
+        log.info("call %s: quota lease released=%s", self.call_id, released)
 
     def _provider(self) -> AgentStreamHandshake:
         raw = (self.params.get("provider") or "").strip()
