@@ -39,6 +39,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from voicebus.audio import pcm16_to_ulaw, ulaw_to_pcm16
+from voicebus.telephony.providers.cloudonix.media import (
+    carrier_connected,
+    carrier_dtmf,
+    carrier_mark,
+    carrier_media,
+    carrier_start_message,
+    carrier_stop,
+)
 
 SAMPLE_RATE = 8000
 FRAME_MS = 20
@@ -154,26 +162,15 @@ class CallScript:
     start_overrides: dict[str, Any] = field(default_factory=dict)
     open_timeout_s: float = 10.0
 
-    def connected_message(self) -> dict[str, Any]:
-        return {"event": "connected", "protocol": "Call", "version": "1.0.0"}
-
     def start_message(self) -> dict[str, Any]:
-        start: dict[str, Any] = {
-            "streamSid": self.stream_sid,
-            "callSid": self.call_sid,
-            "session": self.session,
-            "accountSid": self.domain,
-            "from": self.caller,
-            "to": self.callee,
-            "context": "inbound",
-            "tracks": ["inbound"],
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1},
-            "customParameters": dict(self.custom_parameters),
-        }
+        msg = carrier_start_message(stream_sid=self.stream_sid, call_sid=self.call_sid, session=self.session,
+                                    account_sid=self.domain, from_number=self.caller, to_number=self.callee,
+                                    custom_parameters=dict(self.custom_parameters))
+        start = msg["start"]
         start.update(self.start_overrides)
         for name in self.omit_start_fields:
             start.pop(name, None)
-        return {"event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid, "start": start}
+        return msg
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -328,13 +325,13 @@ class _Call:
             self.ended_at = time.monotonic()
             self.done.set()
 
-    def next_seq(self) -> str:
+    def next_seq(self) -> int:
         self.seq += 1
-        return str(self.seq)
+        return self.seq
 
-    async def send_json(self, msg: dict[str, Any]) -> None:
+    async def send(self, frame: str) -> None:
         assert self.ws is not None
-        await self.ws.send(json.dumps(msg))
+        await self.ws.send(frame)
 
     # -- the whole call
     async def run(self) -> CallReport:
@@ -385,7 +382,7 @@ class _Call:
         if s.handshake == "nothing":
             return
         if s.handshake != "skip_connected":
-            await self.send_json(s.connected_message())
+            await self.send(carrier_connected())
             self.event("connected_sent")
         if s.handshake == "no_start":
             pass
@@ -395,7 +392,7 @@ class _Call:
             self.seq += 1
             self.event("start_sent", malformed=True)
         else:
-            await self.send_json(s.start_message())
+            await self.send(json.dumps(s.start_message()))
             self.seq = 1
             self.event("start_sent", **({"omitted": list(s.omit_start_fields)} if s.omit_start_fields else {}))
         self.t_start = time.monotonic()
@@ -411,8 +408,7 @@ class _Call:
                     await http.post(f"{s.cloudonix_api.rstrip('/')}/_sim/sessions/{s.session}/end")
         with contextlib.suppress(ConnectionClosed):
             if s.handshake != "nothing":
-                await self.send_json({"event": "stop", "sequenceNumber": self.next_seq(), "streamSid": s.stream_sid,
-                                      "stop": {"accountSid": s.domain, "callSid": s.call_sid}})
+                await self.send(carrier_stop(s.stream_sid, s.call_sid, s.domain, self.next_seq()))
                 self.event("stop_sent")
             self.ended_at = time.monotonic()  # the call is over for the caller once stop is out
             await self.ws.close(1000, "call ended" if rest else "caller hung up")
@@ -544,8 +540,7 @@ class _Call:
                 self.event("agent_quiet", silence_ms=self.silence_ms)
         while self.pending_marks and self.pending_marks[0][0] <= self.played_total:
             _, name = self.pending_marks.pop(0)
-            await self.send_json({"event": "mark", "sequenceNumber": self.next_seq(), "streamSid": self.s.stream_sid,
-                                  "mark": {"name": name}})
+            await self.send(carrier_mark(self.s.stream_sid, name, self.next_seq()))
             self.event("mark_played", name=name)
 
     async def send_frame(self) -> None:
@@ -559,11 +554,8 @@ class _Call:
         else:
             payload = ULAW_SILENCE
         self.chunk += 1
-        await self.send_json({
-            "event": "media", "sequenceNumber": self.next_seq(), "streamSid": self.s.stream_sid,
-            "media": {"track": "inbound", "chunk": str(self.chunk), "timestamp": str((self.chunk - 1) * FRAME_MS),
-                      "payload": base64.b64encode(payload).decode()},
-        })
+        await self.send(carrier_media(self.s.stream_sid, payload, self.next_seq(), (self.chunk - 1) * FRAME_MS,
+                                      chunk=self.chunk))
         self.report.frames_sent += 1
 
     def action_done(self) -> None:
@@ -597,8 +589,7 @@ class _Call:
             self.dtmf_left, self.next_dtmf_tick = action.digits, n
         if action.kind == "dtmf" and n >= self.next_dtmf_tick and self.dtmf_left:
             digit, self.dtmf_left = self.dtmf_left[0], self.dtmf_left[1:]
-            await self.send_json({"event": "dtmf", "sequenceNumber": self.next_seq(), "streamSid": self.s.stream_sid,
-                                  "dtmf": {"track": "inbound_track", "digit": digit}})
+            await self.send(carrier_dtmf(self.s.stream_sid, digit, self.next_seq()))
             self.report.dtmf_sent.append(digit)
             self.event("dtmf_sent", digit=digit)
             self.next_dtmf_tick = n + max(1, self.s.dtmf_gap_ms // FRAME_MS)

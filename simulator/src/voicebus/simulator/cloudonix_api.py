@@ -36,17 +36,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from voicebus.simulator._server import RunningServer, serve_app
+from voicebus.telephony.providers.cloudonix.config import normalize_domain
 
 SESSION_PATH = "/customers/self/domains/{domain}/sessions/{session}"
 MAX_WAIT_ENDED_S = 60.0
-
-
-def normalize_domain(value: str) -> str:
-    """Same rule as Cloudonix (and voicebus's config): bare names live under ``.cloudonix.net``."""
-    v = value.strip().rstrip(".").lower()
-    if not v:
-        return ""
-    return v if "." in v else f"{v}.cloudonix.net"
 
 
 def _now() -> datetime:

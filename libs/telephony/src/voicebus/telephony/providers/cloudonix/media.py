@@ -117,7 +117,7 @@ def carrier_connected() -> str:
     return _dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
 
 
-def carrier_start(
+def carrier_start_message(
     *,
     stream_sid: str,
     call_sid: str,
@@ -127,7 +127,8 @@ def carrier_start(
     to_number: str | None = None,
     context: str = "inbound",
     custom_parameters: dict[str, Any] | None = None,
-) -> str:
+) -> dict[str, Any]:
+    """The ``start`` event as a dict, for callers that alter it (the simulator's negative handshakes)."""
     start: dict[str, Any] = {
         "streamSid": stream_sid,
         "callSid": call_sid,
@@ -140,16 +141,21 @@ def carrier_start(
         "mediaFormat": {"encoding": ENCODING, "sampleRate": SAMPLE_RATE, "channels": 1},
         "customParameters": custom_parameters or {},
     }
-    return _dumps({"event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
-                   "start": {k: v for k, v in start.items() if v is not None}})
+    return {"event": "start", "sequenceNumber": "1", "streamSid": stream_sid,
+            "start": {k: v for k, v in start.items() if v is not None}}
 
 
-def carrier_media(stream_sid: str, ulaw: bytes, seq: int, timestamp_ms: int) -> str:
+def carrier_start(**kwargs: Any) -> str:
+    return _dumps(carrier_start_message(**kwargs))
+
+
+def carrier_media(stream_sid: str, ulaw: bytes, seq: int, timestamp_ms: int, chunk: int | None = None) -> str:
+    """``seq`` numbers every message of the stream; ``chunk`` only media (defaults to ``seq``)."""
     return _dumps({
         "event": "media",
         "sequenceNumber": str(seq),
         "streamSid": stream_sid,
-        "media": {"track": "inbound", "chunk": str(seq), "timestamp": str(timestamp_ms),
+        "media": {"track": "inbound", "chunk": str(seq if chunk is None else chunk), "timestamp": str(timestamp_ms),
                   "payload": base64.b64encode(ulaw).decode("ascii")},
     })
 
