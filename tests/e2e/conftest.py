@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from voicebus.bus.agent import demo_definition
-from voicebus.cli.demo import create_org
+from voicebus.cli.demo import create_org, find_run
 from voicebus.cli.stack import Stack, StackConfig
 from voicebus.simulator.cloudonix_api import RunningCloudonixApi, run_cloudonix_api
 
@@ -65,17 +65,7 @@ class E2E:
         return f"{self.stack.ingress_ws_url}/api/v1/agent-stream/{agent_uuid or self.agent_uuid}?{urlencode(query)}"
 
     async def run_for_call(self, call_id: str, timeout: float = 20.0, terminal: bool = True) -> dict[str, Any]:
-        async def probe() -> dict[str, Any] | None:
-            resp = await self.org.admin.get("/api/v1/runs", params={"limit": 200})
-            resp.raise_for_status()
-            body = resp.json()
-            for run in body["items"] if isinstance(body, dict) else body:
-                if (run.get("gathered_context") or {}).get("call_id") == call_id:
-                    if not terminal or run["state"] in TERMINAL:
-                        return run
-            return None
-
-        return await eventually(probe, timeout, f"run of call {call_id}")
+        return await find_run(self.org.admin, call_id, terminal=terminal, timeout=timeout)
 
     async def quota_in_use(self) -> int:
         resp = await self.org.admin.get("/api/v1/quota")

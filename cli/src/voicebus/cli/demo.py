@@ -45,23 +45,24 @@ def create_org(stack: Stack, name: str, concurrent_calls: int | None = None) -> 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def wait_for_terminal_run(admin: httpx.AsyncClient, agent_uuid: str, call_id: str,
-                                timeout: float = 20.0) -> dict[str, Any]:
-    """Poll the admin API (as a user would) until the call's run reaches a terminal state."""
+async def find_run(admin: httpx.AsyncClient, call_id: str, *, agent_uuid: str | None = None,
+                   terminal: bool = True, timeout: float = 20.0) -> dict[str, Any]:
+    """Poll the admin API (as a user would) for the run of ``call_id``; with ``terminal``, until it ended."""
+    params: dict[str, Any] = {"limit": 200, **({"agent_uuid": agent_uuid} if agent_uuid else {})}
     deadline = time.monotonic() + timeout
     last: dict[str, Any] | None = None
-    while time.monotonic() < deadline:
-        resp = await admin.get("/api/v1/runs", params={"agent_uuid": agent_uuid, "limit": 50})
+    while True:
+        resp = await admin.get("/api/v1/runs", params=params)
         resp.raise_for_status()
-        body = resp.json()
-        items = body["items"] if isinstance(body, dict) else body
-        for run in items:
+        for run in resp.json():
             if (run.get("gathered_context") or {}).get("call_id") == call_id:
                 last = run
-                if run["state"] in TERMINAL:
+                if not terminal or run["state"] in TERMINAL:
                     return run
-        await asyncio.sleep(0.25)
-    raise TimeoutError(f"run for call {call_id} not terminal after {timeout:.0f}s (last seen: {last})")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run for call {call_id} not {'terminal' if terminal else 'found'} after "
+                               f"{timeout:.0f}s (last seen: {last})")
+        await asyncio.sleep(0.25)  # polling interval of another process's API
 
 
 def _fresh_dir(home: Path) -> None:
@@ -136,7 +137,7 @@ async def _call(stack: Stack, cloudonix_url: str, token: str, home: Path, as_jso
                             actions=[CallerAction.dtmf("1")], max_duration_s=90)
         step("placing a simulated Cloudonix call; the caller presses 1 when the agent stops speaking")
         report: CallReport = await place_call(url, script)
-        run = await wait_for_terminal_run(admin, tenant.agent_uuid, call_id)
+        run = await find_run(admin, call_id, agent_uuid=tenant.agent_uuid)
 
     if as_json:
         print(json.dumps({"call": report.to_dict(), "run": run}, indent=2, default=str))
