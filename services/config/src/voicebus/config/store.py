@@ -562,7 +562,9 @@ class Store:
             _merge(run, "logs", upd.logs)
             if not was_terminal:
                 if upd.telephony_configuration_id is not None:
-                    await self._check_config_of_org(s, upd.telephony_configuration_id, run.organization_id)
+                    if not await self._config_in_org(s, upd.telephony_configuration_id, run.organization_id):
+                        raise Invalid(f"telephony configuration {upd.telephony_configuration_id} does not exist in "
+                                      f"organization {run.organization_id}", ("telephony_configuration_id",))
                     run.telephony_configuration_id = upd.telephony_configuration_id
                 if upd.end_reason is not None:
                     run.end_reason = upd.end_reason
@@ -578,13 +580,13 @@ class Store:
             ended_now = not was_terminal and run.state in TERMINAL_STATES
             return run_record(run), (run.quota_lease_id if ended_now else None)
 
-    async def _check_config_of_org(self, s: AsyncSession, config_id: int, organization_id: int) -> bool:
-        org = None if not _id_ok(config_id) else await s.scalar(sa.select(TelephonyConfiguration.organization_id)
+    async def _config_in_org(self, s: AsyncSession, config_id: int, organization_id: int) -> bool:
+        """Whether telephony configuration ``config_id`` exists and belongs to ``organization_id``."""
+        if not _id_ok(config_id):
+            return False
+        org = await s.scalar(sa.select(TelephonyConfiguration.organization_id)
                              .where(TelephonyConfiguration.id == config_id))
-        if org != organization_id:
-            raise Invalid(f"telephony configuration {config_id} does not exist in organization {organization_id}",
-                          ("telephony_configuration_id",))
-        return True
+        return org == organization_id
 
     async def finish_run(self, run_id: int, state: str, reason: str, at: datetime | None = None) -> RunRecord | None:
         """End a run unless it already ended (first terminal wins, also across replicas)."""
@@ -664,9 +666,7 @@ class Store:
                 run.state = "running"
             run.started_at = run.started_at or event.at
             if event.telephony_config_id is not None and _id_ok(event.telephony_config_id):
-                org = await s.scalar(sa.select(TelephonyConfiguration.organization_id)
-                                     .where(TelephonyConfiguration.id == event.telephony_config_id))
-                if org == run.organization_id:
+                if await self._config_in_org(s, event.telephony_config_id, run.organization_id):
                     run.telephony_configuration_id = event.telephony_config_id
                 else:
                     log.warning("call.started %s names telephony configuration %s not in organization %s",
