@@ -9,23 +9,24 @@ import sys
 import threading
 from pathlib import Path
 
+from voicebus.cli.embedded import free_port
 from voicebus.cli.stack import Stack, StackConfig
 
 
 def _up(args: argparse.Namespace) -> int:
     home = Path(args.home)
-    common = dict(subject_prefix=os.environ.get("VOICEBUS_SUBJECT_PREFIX", "vb"), runner_capacity=args.capacity,
-                  cloudonix_api_url=os.environ.get("CLOUDONIX_API_URL"))
     if args.port_base == 0:
-        ports = StackConfig.free_ports(args.runners)
-        cfg = StackConfig.from_env(home, ingress_port=ports.ingress_port, config_port=ports.config_port,
-                                   call_control_port=ports.call_control_port, runner_ports=ports.runner_ports,
-                                   **common)
+        ingress, config, control = free_port(), free_port(), free_port()
+        runners = tuple(free_port() for _ in range(args.runners))
     else:
         base = args.port_base
-        cfg = StackConfig.from_env(home, ingress_port=base, config_port=base + 1, call_control_port=base + 3,
-                                   runner_ports=(base + 2, *(base + 4 + i for i in range(args.runners - 1))),
-                                   **common)
+        ingress, config, control = base, base + 1, base + 3
+        runners = (base + 2, *(base + 4 + i for i in range(args.runners - 1)))
+    cfg = StackConfig.from_env(
+        home, ingress_port=ingress, config_port=config, call_control_port=control, runner_ports=runners,
+        subject_prefix=os.environ.get("VOICEBUS_SUBJECT_PREFIX", "vb"), runner_capacity=args.capacity,
+        cloudonix_api_url=os.environ.get("CLOUDONIX_API_URL"),
+    )
     stack = Stack(cfg)
     stopped = threading.Event()
     # Explicit handlers: a shell may start us with SIGINT ignored (background job), and Ctrl-C must
