@@ -13,26 +13,11 @@ import pytest
 from voicebus.audio import pcm16_to_ulaw, ulaw_to_pcm16
 from voicebus.bus.messages import TelephonyMatch
 from voicebus.telephony import get_spec
-from voicebus.telephony.agent_stream import (
-    AudioIn,
-    CarrierDisconnected,
-    DtmfIn,
-    Frame,
-    HandshakeError,
-    Ignored,
-    MarkIn,
-    MediaCodec,
-    StopIn,
-    echo_safe,
-    fit_close_reason,
-    load_handshake,
-)
-from voicebus.telephony.providers.cloudonix.handshake import HANDSHAKE
-from voicebus.telephony.providers.cloudonix.media import (
+from voicebus.telephony.dialects.twilio_media import TwilioMediaCodec as TwilioCompatibleCodec
+from voicebus.telephony.dialects.twilio_media_carrier import (
     ServerClear,
     ServerMark,
     ServerMedia,
-    TwilioCompatibleCodec,
     carrier_connected,
     carrier_dtmf,
     carrier_mark,
@@ -41,6 +26,22 @@ from voicebus.telephony.providers.cloudonix.media import (
     carrier_stop,
     parse_server_frame,
 )
+from voicebus.telephony.stream import (
+    AudioIn,
+    CarrierDisconnected,
+    DtmfIn,
+    Frame,
+    Ignored,
+    MarkIn,
+    MediaCodec,
+    StopIn,
+    StreamContext,
+    StreamRefused,
+    echo_safe,
+)
+from voicebus.telephony.webhook import WebhookRequest
+
+HANDSHAKE = get_spec("cloudonix").stream.agent_stream  # type: ignore[union-attr]
 
 DOMAIN = "acme.cloudonix.net"
 
@@ -59,9 +60,12 @@ class FakeServices:
         self.matched.append((organization_id, provider, account_id))
         return self.known.get(account_id)
 
-    async def validate_session(self, telephony_config_id: int, session: str) -> bool:
-        self.validated.append((telephony_config_id, session))
-        return session in self.valid
+    async def confirm_call(self, telephony_config_id: int, carrier_call_id: str) -> bool:
+        self.validated.append((telephony_config_id, carrier_call_id))
+        return carrier_call_id in self.valid
+
+    async def verify_upgrade(self, telephony_config_id: int) -> tuple[bool, str]:
+        raise AssertionError("Cloudonix does not sign its socket upgrade")
 
 
 def frames(*items: Frame | None):
@@ -80,7 +84,8 @@ def frames(*items: Frame | None):
 
 
 def start_frame(**overrides: object) -> str:
-    args = dict(stream_sid="MZ1", call_sid="CA1", session="sess-1", account_sid="acme", from_number="+15550001",
+    args = dict(stream_sid="MZ1", call_sid="CA1", session="sess-1", account_sid="acme", context="inbound",
+                from_number="+15550001",
                 to_number="+15550002")
     args.update(overrides)
     return carrier_start(**args)  # type: ignore[arg-type]
@@ -88,12 +93,14 @@ def start_frame(**overrides: object) -> str:
 
 async def perform(receive, params: dict[str, str] | None = None, services: FakeServices | None = None,
                   timeout_s: float = 2.0):
-    return await HANDSHAKE.perform(receive, params={"Domain": "acme"} if params is None else params,
-                                   organization_id=3, services=services or FakeServices(), timeout_s=timeout_s)
+    ctx = StreamContext(params={"Domain": "acme"} if params is None else params,
+                        upgrade=WebhookRequest("GET", "wss://voicebus.example/api/v1/agent-stream/x", {}),
+                        organization_id=3, services=services or FakeServices(), timeout_s=timeout_s)
+    return await HANDSHAKE(receive, ctx)
 
 
-async def refused(receive, **kw: object) -> HandshakeError:
-    with pytest.raises(HandshakeError) as info:
+async def refused(receive, **kw: object) -> StreamRefused:
+    with pytest.raises(StreamRefused) as info:
         await perform(receive, **kw)  # type: ignore[arg-type]
     return info.value
 
@@ -128,25 +135,25 @@ async def test_success_returns_everything_the_run_needs():
 async def test_missing_domain(params):
     services = FakeServices()
     e = await refused(frames(), params=params, services=services)
-    assert (e.code, e.reason) == (4400, "Missing Domain query parameter")
+    assert (e.kind, e.reason) == ("handshake", "Missing Domain query parameter")
     assert services.matched == []  # refused before asking config
 
 
 async def test_invalid_domain():
     e = await refused(frames(), params={"Domain": "acme/../x"})
-    assert (e.code, e.reason) == (4400, "Invalid Domain query parameter: not a domain name")
+    assert (e.kind, e.reason) == ("handshake", "Invalid Domain query parameter: not a domain name")
 
 
 async def test_unknown_domain_is_normalized_in_the_reason():
     e = await refused(frames(), params={"Domain": "Other."})
-    assert (e.code, e.reason) == (4400, "Unknown Cloudonix domain: other.cloudonix.net")
+    assert (e.kind, e.reason) == ("handshake", "Unknown Cloudonix domain: other.cloudonix.net")
 
 
 async def test_configuration_without_bearer_token():
     services = FakeServices(known={DOMAIN: TelephonyMatch(telephony_config_id=7, provider="cloudonix", name="x",
                                                           account_id=DOMAIN, has_credentials=False)})
     e = await refused(frames(carrier_connected(), start_frame()), services=services)
-    assert (e.code, e.reason) == (4400, "Cloudonix configuration missing bearer_token")
+    assert (e.kind, e.reason) == ("handshake", "Cloudonix configuration missing bearer_token")
 
 
 @pytest.mark.parametrize(("first", "reason"), [
@@ -158,7 +165,7 @@ async def test_configuration_without_bearer_token():
 ])
 async def test_bad_connected(first, reason):
     e = await refused(frames(first, start_frame()))
-    assert (e.code, e.reason) == (4400, reason)
+    assert (e.kind, e.reason) == ("handshake", reason)
 
 
 @pytest.mark.parametrize(("second", "reason"), [
@@ -170,13 +177,13 @@ async def test_bad_connected(first, reason):
 ])
 async def test_bad_start(second, reason):
     e = await refused(frames(carrier_connected(), second))
-    assert (e.code, e.reason) == (4400, reason)
+    assert (e.kind, e.reason) == ("handshake", reason)
 
 
 async def test_missing_identifiers_are_named():
     msg = {"event": "start", "start": {"callSid": "CA1", "session": "", "accountSid": "acme"}}
     e = await refused(frames(carrier_connected(), json.dumps(msg)))
-    assert (e.code, e.reason) == (4400, "Missing stream identifiers: streamSid, session")
+    assert (e.kind, e.reason) == ("handshake", "Missing stream identifiers: streamSid, session")
 
 
 async def test_stream_sid_may_come_from_the_top_level():
@@ -187,31 +194,31 @@ async def test_stream_sid_may_come_from_the_top_level():
 
 async def test_absurd_identifiers_are_refused():
     e = await refused(frames(carrier_connected(), start_frame(call_sid="x" * 1000)))
-    assert (e.code, e.reason) == (4400, "Invalid stream identifiers: callSid")
+    assert (e.kind, e.reason) == ("handshake", "Invalid stream identifiers: callSid")
 
 
 async def test_unsupported_media_format():
     msg = json.loads(start_frame())
     msg["start"]["mediaFormat"] = {"encoding": "audio/l16", "sampleRate": 16000, "channels": 1}
     e = await refused(frames(carrier_connected(), json.dumps(msg)))
-    assert e.code == 4400
+    assert e.kind == "handshake"
     assert e.reason == "Unsupported media format audio/l16/16000/1; expected audio/x-mulaw/8000/1"
 
 
 async def test_session_validation_failed():
     services = FakeServices(valid_sessions=set())
     e = await refused(frames(carrier_connected(), start_frame()), services=services)
-    assert (e.code, e.reason) == (4400, "Cloudonix session validation failed")
+    assert (e.kind, e.reason) == ("handshake", "Cloudonix session validation failed")
     assert services.validated == [(7, "sess-1")]
 
 
 async def test_services_errors_propagate_as_is():
     class Down(FakeServices):
-        async def validate_session(self, telephony_config_id: int, session: str) -> bool:
-            raise HandshakeError(1011, "Internal server error")
+        async def confirm_call(self, telephony_config_id: int, carrier_call_id: str) -> bool:
+            raise StreamRefused("internal", "Internal server error")
 
     e = await refused(frames(carrier_connected(), start_frame()), services=Down())
-    assert (e.code, e.reason) == (1011, "Internal server error")
+    assert (e.kind, e.reason) == ("internal", "Internal server error")
 
 
 @pytest.mark.parametrize("sent", [(), (carrier_connected(),)])
@@ -220,7 +227,7 @@ async def test_handshake_timeout_is_one_overall_deadline(sent):
     began = loop.time()
     e = await refused(frames(*sent), timeout_s=0.3)
     elapsed = loop.time() - began
-    assert (e.code, e.reason) == (4408, "Handshake timeout")
+    assert (e.kind, e.reason) == ("timeout", "Handshake timeout")
     assert 0.25 <= elapsed < 2.0
 
 
@@ -229,20 +236,10 @@ async def test_disconnect_during_handshake_propagates():
         await perform(frames(carrier_connected(), None))
 
 
-def test_load_handshake_by_convention():
-    assert load_handshake(get_spec("cloudonix")) is HANDSHAKE  # type: ignore[arg-type]
-    assert load_handshake(get_spec("twilio")) is None  # type: ignore[arg-type]
-
-
-# ------------------------------------------------------------------------------------------------ close reasons
-def test_fit_close_reason_cuts_on_a_character_boundary():
-    reason = "Unknown provider: " + "é" * 200
-    fitted = fit_close_reason(reason)
-    assert len(fitted.encode()) <= 123
-    assert fitted.startswith("Unknown provider: é")
-    fitted.encode().decode("utf-8")  # still valid UTF-8
-    assert fit_close_reason("short") == "short"
-    assert HandshakeError(1008, "x" * 500).reason == "x" * 123
+def test_agent_stream_is_found_through_the_registry():
+    spec = get_spec("cloudonix")
+    assert spec is not None and spec.supports_agent_stream and "agent_stream" in spec.capabilities
+    assert get_spec("vonage").supports_agent_stream is False  # type: ignore[union-attr]
 
 
 def test_echo_safe_strips_control_characters_and_long_values():

@@ -117,8 +117,6 @@ class CallOffer(Msg):
     run_id: int
     organization_id: int
     provider: str
-    telephony_config_id: int | None
-    carrier_call_ref: str | None = Field(description="What the carrier's REST API knows the call as.")
     agent: ResolvedAgent
     media: MediaFormat = Field(default_factory=MediaFormat)
     caller_number: str | None = None
@@ -227,6 +225,7 @@ class RunRecord(Msg):
     started_at: datetime | None
     ended_at: datetime | None
     updated_at: datetime
+    quota_lease_id: str | None = None
 
 
 class QuotaAcquireRequest(Msg):
@@ -251,24 +250,65 @@ class QuotaReleased(Msg):
     released: bool
 
 
-# --------------------------------------------------------------------------- call-control API (vb.ctl.*)
-class ValidateSessionRequest(Msg):
+# --------------------------------------------------------------------------- inbound routing (vb.cfg.inbound.route)
+class InboundRouteRequest(Msg):
+    """Which organization, configuration and agent answer a call to ``called_number`` on this account."""
+
+    provider: str
+    account_id: str
+    called_number: str
+
+
+class InboundRoute(Msg):
+    organization_id: int
     telephony_config_id: int
-    session: str
+    phone_number_id: int
+    number: str = Field(description="The called number, E.164.")
+    agent: ResolvedAgent
 
 
-class ValidateSessionResult(Msg):
-    valid: bool
+# --------------------------------------------------------------------------- call-control API (vb.ctl.*)
+# Other services name a call by voicebus call id only; call-control's leg registry holds the carrier
+# address of each leg (configuration, carrier call id). See docs/call-control.md.
+class LegRegister(Msg):
+    """Record a call's carrier leg; with ``confirm`` call-control first asks the carrier that the call
+    exists on the configuration's account (Cloudonix session validation) and records it only then."""
+
+    call_id: str
+    run_id: int
+    organization_id: int
+    telephony_config_id: int
+    carrier_call_id: str
+    direction: Literal["inbound", "outbound"] = "inbound"
+    confirm: bool = False
+
+
+class LegRegistered(Msg):
+    confirmed: bool
     status: int | None = None
     detail: str = ""
+
+
+class VerifyRequest(Msg):
+    """A carrier webhook or socket upgrade as it arrived, for call-control to check its signature."""
+
+    telephony_config_id: int
+    method: str
+    url: str = Field(description="The public URL the carrier called; a credential when it holds a token.")
+    headers: dict[str, str]
+    body_b64: str = ""
+
+
+class VerifyResult(Msg):
+    valid: bool
+    reason: str = ""
+    replayed: bool = Field(default=False, description="A valid delivery already seen (same idempotency key).")
 
 
 class HangupRequest(Msg):
     call_id: str
     run_id: int
     organization_id: int
-    telephony_config_id: int
-    carrier_call_ref: str
     reason: str
     end_state: Literal["completed", "failed"] | None = Field(
         default="completed", description="If set, call-control ends the run with this state and reason."
@@ -276,9 +316,53 @@ class HangupRequest(Msg):
 
 
 class HangupResult(Msg):
-    outcome: Literal["hung_up", "already_ended"]
+    outcome: Literal["hung_up", "already_ended", "no_leg"]
     status: int | None = None
     replayed: bool = Field(default=False, description="True when an earlier identical request already ran.")
+
+
+class InitiateRequest(Msg):
+    """Place an outbound call for an existing run; the callee's answer fetches markup from ingress."""
+
+    call_id: str
+    run_id: int
+    organization_id: int
+    telephony_config_id: int
+    to_number: str
+    from_number: str | None = None
+    ring_timeout_s: int = Field(default=30, ge=5, le=120)
+
+
+class InitiateResult(Msg):
+    carrier_call_id: str
+    from_number: str
+    status: str | None = None
+
+
+class CallInfoRequest(Msg):
+    call_id: str
+    organization_id: int
+
+
+class CallInfoResult(Msg):
+    status: str | None
+    raw_status: str
+    duration_s: int | None = None
+    price: float | None = None
+    price_unit: str | None = None
+
+
+class BindNumberRequest(Msg):
+    organization_id: int
+    telephony_config_id: int
+    number: str
+    voice_url: str
+
+
+class BindNumberResult(Msg):
+    number: str
+    number_sid: str
+    voice_url: str
 
 
 # --------------------------------------------------------------------------- lifecycle events (vb.evt.>)
@@ -311,3 +395,14 @@ class CallEnded(LifecycleEvent):
 class CallHangup(LifecycleEvent):
     outcome: str
     status: int | None = None
+
+
+class CallStatusEvent(LifecycleEvent):
+    """A carrier status callback, verified and normalized (``status`` None: the carrier's word maps to
+    none of the normalized statuses, ``raw_status`` keeps it). Config appends it to the run's log and
+    ends a run the carrier reports over (busy, no-answer, failed, canceled, completed)."""
+
+    status: str | None
+    raw_status: str
+    duration_s: int | None = None
+    fields: dict[str, Any] = Field(default_factory=dict)

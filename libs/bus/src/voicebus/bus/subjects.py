@@ -97,12 +97,16 @@ CFG_RUN_GET = "run.get"
 CFG_QUOTA_ACQUIRE = "quota.acquire"
 CFG_QUOTA_RENEW = "quota.renew"
 CFG_QUOTA_RELEASE = "quota.release"
+CFG_INBOUND_ROUTE = "inbound.route"
 
 # Call-control actions (suffixes of ``{prefix}.ctl.``).
 CTL_HANGUP = "hangup"
-CTL_VALIDATE_SESSION = "validate_session"
+CTL_LEG_REGISTER = "leg_register"
+CTL_VERIFY = "verify"
 CTL_TRANSFER = "transfer"
 CTL_INITIATE = "initiate"
+CTL_CALL_INFO = "call_info"
+CTL_BIND_NUMBER = "bind_number"
 
 # Lifecycle event names (suffixes of ``{prefix}.evt.``).
 EVT_CALL_STARTED = "call.started"
@@ -110,3 +114,4 @@ EVT_CALL_ANSWERED = "call.answered"
 EVT_CALL_ENDED = "call.ended"
 EVT_CALL_FAILED = "call.failed"
 EVT_CALL_HANGUP = "call.hangup"
+EVT_CALL_STATUS = "call.status"
