@@ -39,14 +39,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from voicebus.audio import pcm16_to_ulaw, ulaw_to_pcm16
-from voicebus.telephony.providers.cloudonix.media import (
-    carrier_connected,
-    carrier_dtmf,
-    carrier_mark,
-    carrier_media,
-    carrier_start_message,
-    carrier_stop,
-)
+from voicebus.telephony import load_fake
+
+_cloudonix = load_fake("cloudonix")
+carrier_connected = _cloudonix.carrier_connected
+carrier_dtmf = _cloudonix.carrier_dtmf
+carrier_mark = _cloudonix.carrier_mark
+carrier_media = _cloudonix.carrier_media
+carrier_start_message = _cloudonix.carrier_start_message
+carrier_stop = _cloudonix.carrier_stop
 
 SAMPLE_RATE = 8000
 FRAME_MS = 20
@@ -165,7 +166,7 @@ class CallScript:
     def start_message(self) -> dict[str, Any]:
         msg = carrier_start_message(stream_sid=self.stream_sid, call_sid=self.call_sid, session=self.session,
                                     account_sid=self.domain, from_number=self.caller, to_number=self.callee,
-                                    custom_parameters=dict(self.custom_parameters))
+                                    context="inbound", custom_parameters=dict(self.custom_parameters))
         start = msg["start"]
         start.update(self.start_overrides)
         for name in self.omit_start_fields:

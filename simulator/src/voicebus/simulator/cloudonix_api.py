@@ -36,10 +36,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from voicebus.simulator._server import RunningServer, serve_app
-from voicebus.telephony.providers.cloudonix.config import normalize_domain
+from voicebus.telephony import load_fake
 
 SESSION_PATH = "/customers/self/domains/{domain}/sessions/{session}"
 MAX_WAIT_ENDED_S = 60.0
+normalize_domain = load_fake("cloudonix").normalize_domain
 
 
 def _now() -> datetime:
