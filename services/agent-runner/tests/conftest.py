@@ -123,8 +123,7 @@ class FakeIngress:
 
     def offer_for(self, definition: AgentDefinition, **overrides: Any) -> CallOffer:
         fields: dict[str, Any] = dict(
-            call_id=self.call_id, run_id=42, organization_id=7, provider="cloudonix", telephony_config_id=3,
-            carrier_call_ref="session-abc",
+            call_id=self.call_id, run_id=42, organization_id=7, provider="cloudonix",
             agent=ResolvedAgent(agent_uuid=str(uuid.uuid4()), organization_id=7, name="test agent", version=1,
                                 definition_source="published", definition=definition),
             media=MediaFormat(sample_rate=RATE),

@@ -376,20 +376,16 @@ class CallSession:
             log.warning("call %s: could not publish on event.out: %s", self.call_id, e)
 
     async def _request_hangup(self, reason: str, state: str) -> None:
+        """Ask call-control to hang up the call's carrier legs (it knows them by call id) and end the run."""
         o = self.offer
-        if o.telephony_config_id is not None and o.carrier_call_ref:
-            req = HangupRequest(call_id=o.call_id, run_id=o.run_id, organization_id=o.organization_id,
-                                telephony_config_id=o.telephony_config_id, carrier_call_ref=o.carrier_call_ref,
-                                reason=reason, end_state=state)  # type: ignore[arg-type]
-            try:
-                self.hangup_result = await request(self.ctx.nc, self.ctx.subjects.ctl(CTL_HANGUP), req,
-                                                   HangupResult, timeout=HANGUP_TIMEOUT_S)
-                return
-            except BusError as e:
-                log.warning("call %s: call-control hangup failed (%s); ending the run here", self.call_id, e)
-        else:
-            log.warning("call %s: offer has no telephony config or carrier reference; cannot ask for a "
-                        "carrier hangup, ending the run here", self.call_id)
+        req = HangupRequest(call_id=o.call_id, run_id=o.run_id, organization_id=o.organization_id,
+                            reason=reason, end_state=state)  # type: ignore[arg-type]
+        try:
+            self.hangup_result = await request(self.ctx.nc, self.ctx.subjects.ctl(CTL_HANGUP), req,
+                                               HangupResult, timeout=HANGUP_TIMEOUT_S)
+            return
+        except BusError as e:
+            log.warning("call %s: call-control hangup failed (%s); ending the run here", self.call_id, e)
         ended = CallEnded(call_id=o.call_id, run_id=o.run_id, organization_id=o.organization_id, source=SOURCE,
                           state=state, reason=reason)  # type: ignore[arg-type]
         try:
