@@ -15,7 +15,7 @@ from voicebus.config.migrate import current_revision, downgrade, head_revision, 
 from voicebus.config.models import Base
 
 TABLES = {"organizations", "api_keys", "agents", "agent_versions", "telephony_configurations",
-          "workflow_runs", "processed_events"}
+          "workflow_runs", "processed_events", "phone_numbers"}
 
 COLUMNS = {
     "organizations": {"id", "name", "concurrent_call_limit", "created_at"},
@@ -30,6 +30,8 @@ COLUMNS = {
                       "gathered_context", "logs", "quota_lease_id", "created_at", "started_at", "ended_at",
                       "updated_at"},
     "processed_events": {"event_id", "processed_at"},
+    "phone_numbers": {"id", "organization_id", "telephony_configuration_id", "provider", "account_id", "number",
+                      "agent_uuid", "is_active", "created_at", "updated_at"},
 }
 
 
@@ -83,6 +85,11 @@ async def test_upgrade_downgrade_upgrade(mig_url: str) -> None:
         assert first["processed_events"]["pk"] == ("event_id",)
         run_fks = first["workflow_runs"]["fks"]
         assert (("telephony_configuration_id",), "telephony_configurations", "SET NULL") in run_fks
+        assert ("provider", "account_id", "number") in first["phone_numbers"]["unique"]
+        number_fks = {f[:2] for f in first["phone_numbers"]["fks"]}
+        assert number_fks == {(("organization_id",), "organizations"),
+                              (("telephony_configuration_id",), "telephony_configurations")}
+        assert head_revision() == "0002"
         assert diffs == [], f"models and migrations disagree: {diffs}"
 
         await downgrade(engine)
@@ -97,6 +104,58 @@ async def test_upgrade_downgrade_upgrade(mig_url: str) -> None:
         assert {t: again[t] for t in TABLES} == {t: first[t] for t in TABLES}
         await upgrade(engine)  # at head already: a no-op, not an error
         assert await current_revision(engine) == head_revision()
+    finally:
+        await engine.dispose()
+
+
+async def test_phone_numbers_migration_steps_down_to_0001_and_back(mig_url: str) -> None:
+    """0002 alone: down to 0001 removes only phone_numbers (existing data stays), up adds it again."""
+    engine = create_engine(mig_url)
+    try:
+        await upgrade(engine)
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("INSERT INTO organizations (name, concurrent_call_limit, created_at) "
+                                       "VALUES ('kept', 3, CURRENT_TIMESTAMP)"))
+        await downgrade(engine, "0001")
+        assert await current_revision(engine) == "0001"
+        async with engine.connect() as conn:
+            tables = set(await conn.run_sync(_schema))
+            kept = await conn.scalar(sa.text("SELECT name FROM organizations"))
+        assert "phone_numbers" not in tables and TABLES - {"phone_numbers"} <= tables
+        assert kept == "kept"
+        await upgrade(engine)
+        assert await current_revision(engine) == "0002"
+        async with engine.connect() as conn:
+            assert "phone_numbers" in set(await conn.run_sync(_schema))
+            assert await conn.run_sync(_diffs) == []
+    finally:
+        await engine.dispose()
+
+
+async def test_database_refuses_a_number_twice_on_one_account(mig_url: str) -> None:
+    """The uniqueness holds in the database itself (across organizations), not only in the service."""
+    engine = create_engine(mig_url)
+    try:
+        await upgrade(engine)
+        async with engine.begin() as conn:
+            for org in (1, 2):
+                await conn.execute(sa.text("INSERT INTO organizations (id, name, concurrent_call_limit, created_at) "
+                                           "VALUES (:i, 'o', 3, CURRENT_TIMESTAMP)"), {"i": org})
+                await conn.execute(sa.text(
+                    "INSERT INTO telephony_configurations (id, organization_id, provider, name, account_id, "
+                    "credentials, created_at, updated_at) VALUES (:i, :i, 'cloudonix', 'c', 'acme', '{}', "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"), {"i": org})
+        insert = sa.text("INSERT INTO phone_numbers (organization_id, telephony_configuration_id, provider, account_id,"
+                         " number, agent_uuid, is_active, created_at, updated_at) VALUES (:o, :o, 'cloudonix', "
+                         "'acme', '+14155550100', 'a', true, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)")
+        async with engine.begin() as conn:
+            await conn.execute(insert, {"o": 1})
+        with pytest.raises(sa.exc.IntegrityError):
+            async with engine.begin() as conn:
+                await conn.execute(insert, {"o": 2})
+        with pytest.raises(sa.exc.IntegrityError):  # the configuration cannot go while it has numbers
+            async with engine.begin() as conn:
+                await conn.execute(sa.text("DELETE FROM telephony_configurations WHERE id = 1"))
     finally:
         await engine.dispose()
 

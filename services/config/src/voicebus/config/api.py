@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from voicebus.bus.messages import RunRecord
-from voicebus.config.errors import ConfigError, Invalid, Unauthorized
+from voicebus.config.errors import CallNotPlaced, ConfigError, Invalid, Unauthorized
 from voicebus.config.schemas import (
     AgentCreate,
     AgentOut,
@@ -24,8 +24,13 @@ from voicebus.config.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyOut,
+    InitiateCall,
+    InitiateCallOut,
     OrganizationOut,
     OrganizationPatch,
+    PhoneNumberCreate,
+    PhoneNumberOut,
+    PhoneNumberUpdate,
     QuotaOut,
     TelephonyCreate,
     TelephonyOut,
@@ -72,7 +77,8 @@ def create_app(svc: ConfigService) -> FastAPI:
     app = FastAPI(
         title="voicebus config",
         version="1",
-        description="Organizations, API keys, agents, telephony configurations, runs and quota. "
+        description="Organizations, API keys, agents, telephony configurations, phone numbers, outbound calls, "
+                    "runs and quota. "
                     "Authenticate with `Authorization: Bearer <api key>`; secrets in responses are masked.",
     )
     app.state.svc = svc
@@ -82,8 +88,11 @@ def create_app(svc: ConfigService) -> FastAPI:
     async def _config_error(_request: Request, exc: ConfigError) -> JSONResponse:
         if isinstance(exc, Invalid):
             return JSONResponse({"detail": jsonable_encoder(exc.errors), "message": exc.message}, status_code=422)
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else exc.headers
+        body: dict[str, Any] = {"detail": exc.message}
+        if isinstance(exc, CallNotPlaced):
+            body.update(code=exc.code, run_id=exc.run_id, retryable=exc.status == 503)
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -163,6 +172,46 @@ def create_app(svc: ConfigService) -> FastAPI:
     @api.delete("/telephony-configurations/{config_id}", status_code=204, tags=["telephony"])
     async def delete_telephony(config_id: int, p: Auth) -> Response:
         await store.delete_telephony(p.organization_id, config_id)
+        return Response(status_code=204)
+
+    @api.post("/telephony/initiate-call", response_model=InitiateCallOut, status_code=201, tags=["telephony"],
+              responses={400: {"description": "invalid number for the carrier, carrier cannot dial, or no "
+                                              "configuration that can place calls"},
+                         404: {"description": "agent or telephony configuration not in this organization"},
+                         429: {"description": "concurrent call limit reached (Retry-After)"},
+                         502: {"description": "the carrier rejected the configuration's credentials"},
+                         503: {"description": "call-control or the carrier unavailable; retryable (Retry-After)"}})
+    async def initiate_call(body: InitiateCall, p: Auth) -> InitiateCallOut:
+        """Place an outbound call that runs the agent once answered. A call that is not placed leaves a
+        ``failed`` run whose ``end_reason`` says why (its id is in the error body as ``run_id``)."""
+        return await svc.outbound.initiate(p.organization_id, body)
+
+    # ---- phone numbers --------------------------------------------------------------------------
+    @api.post("/phone-numbers", response_model=PhoneNumberOut, status_code=201, tags=["phone numbers"],
+              responses={409: {"description": "the number is already configured on that carrier account"}})
+    async def create_phone_number(body: PhoneNumberCreate, p: Auth) -> PhoneNumberOut:
+        """A number on a configuration's carrier account, routed to an agent of this organization."""
+        return await store.create_phone_number(p.organization_id, body.telephony_configuration_id, body.number,
+                                               body.agent_uuid, body.is_active)
+
+    @api.get("/phone-numbers", response_model=list[PhoneNumberOut], tags=["phone numbers"])
+    async def list_phone_numbers(p: Auth, telephony_configuration_id: int | None = None) -> list[PhoneNumberOut]:
+        return await store.list_phone_numbers(p.organization_id, telephony_configuration_id)
+
+    @api.get("/phone-numbers/{number_id}", response_model=PhoneNumberOut, tags=["phone numbers"])
+    async def get_phone_number(number_id: int, p: Auth) -> PhoneNumberOut:
+        return await store.get_phone_number(p.organization_id, number_id)
+
+    @api.patch("/phone-numbers/{number_id}", response_model=PhoneNumberOut, tags=["phone numbers"],
+               responses={409: {"description": "the number is already configured on that carrier account"}})
+    async def patch_phone_number(number_id: int, body: PhoneNumberUpdate, p: Auth) -> PhoneNumberOut:
+        return await store.update_phone_number(p.organization_id, number_id,
+                                               config_id=body.telephony_configuration_id, number=body.number,
+                                               agent_uuid=body.agent_uuid, is_active=body.is_active)
+
+    @api.delete("/phone-numbers/{number_id}", status_code=204, tags=["phone numbers"])
+    async def delete_phone_number(number_id: int, p: Auth) -> Response:
+        await store.delete_phone_number(p.organization_id, number_id)
         return Response(status_code=204)
 
     @api.get("/telephony-providers/metadata", tags=["telephony"])

@@ -22,7 +22,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from voicebus.bus import subjects as sj
-from voicebus.bus.messages import CallAnswered, CallEnded, CallHangup, CallStarted, LifecycleEvent
+from voicebus.bus.messages import (
+    CallAnswered,
+    CallEnded,
+    CallHangup,
+    CallStarted,
+    CallStatusEvent,
+    LifecycleEvent,
+)
 from voicebus.bus.subjects import Subjects
 from voicebus.config.quota import Quota
 from voicebus.config.store import Store
@@ -35,6 +42,7 @@ EVENT_MODELS: dict[str, type[LifecycleEvent]] = {
     sj.EVT_CALL_ENDED: CallEnded,
     sj.EVT_CALL_FAILED: CallEnded,
     sj.EVT_CALL_HANGUP: CallHangup,
+    sj.EVT_CALL_STATUS: CallStatusEvent,
 }
 ACK_WAIT_S = 30
 RETRY_DELAY_S = 2.0

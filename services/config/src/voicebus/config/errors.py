@@ -12,6 +12,7 @@ from typing import Any
 class ConfigError(Exception):
     status = 400
     code = "invalid_request"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -21,6 +22,18 @@ class ConfigError(Exception):
 class NotFound(ConfigError):
     status = 404
     code = "not_found"
+
+
+class UnknownAccount(NotFound):
+    """Inbound routing: no configuration has this provider account."""
+
+    code = "unknown_account"
+
+
+class UnknownNumber(NotFound):
+    """Inbound routing: the account is known, the called number is not configured there (or inactive)."""
+
+    code = "unknown_number"
 
 
 class Conflict(ConfigError):
@@ -58,3 +71,20 @@ class LeaseExpiredError(ConfigError):
 class SecretUnreadableError(ConfigError):
     status = 500
     code = "secret_unreadable"
+
+
+class BadRequest(ConfigError):
+    status = 400
+    code = "bad_request"
+
+
+class CallNotPlaced(ConfigError):
+    """An outbound call the carrier (or call-control) did not place; ``status`` per cause, the run is failed."""
+
+    def __init__(self, message: str, status: int, code: str, run_id: int,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.run_id = run_id
+        self.headers = headers

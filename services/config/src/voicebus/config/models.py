@@ -93,6 +93,32 @@ class TelephonyConfiguration(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
+class PhoneNumber(Base):
+    """A number on a carrier account that routes to an agent. ``provider`` and ``account_id`` copy the
+    configuration's (kept in step when its account id changes) so the database itself enforces that a
+    number exists once per carrier account, across organizations: an inbound call has one route."""
+
+    __tablename__ = "phone_numbers"
+    __table_args__ = (sa.UniqueConstraint("provider", "account_id", "number"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    organization_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("organizations.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    telephony_configuration_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("telephony_configurations.id",
+                      name="fk_phone_numbers_telephony_configuration_id"),  # the convention's name is > 63 chars
+        nullable=False, index=True
+    )
+    provider: Mapped[str] = mapped_column(sa.String(32), nullable=False)
+    account_id: Mapped[str] = mapped_column(sa.String(255), nullable=False)
+    number: Mapped[str] = mapped_column(sa.String(16), nullable=False)
+    agent_uuid: Mapped[str] = mapped_column(sa.String(36), nullable=False)
+    is_active: Mapped[bool] = mapped_column(sa.Boolean, nullable=False, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
 class WorkflowRun(Base):
     __tablename__ = "workflow_runs"
     __table_args__ = (sa.Index("ix_workflow_runs_organization_id_agent_uuid", "organization_id", "agent_uuid"),)

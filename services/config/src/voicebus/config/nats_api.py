@@ -17,6 +17,8 @@ from pydantic import BaseModel
 from voicebus.bus import subjects as sj
 from voicebus.bus.messages import (
     AgentResolveRequest,
+    InboundRoute,
+    InboundRouteRequest,
     QuotaAcquireRequest,
     QuotaLease,
     QuotaLeaseRef,
@@ -66,6 +68,7 @@ class NatsApi:
             (sj.CFG_QUOTA_ACQUIRE, QuotaAcquireRequest, self.quota_acquire),
             (sj.CFG_QUOTA_RENEW, QuotaLeaseRef, self.quota_renew),
             (sj.CFG_QUOTA_RELEASE, QuotaLeaseRef, self.quota_release),
+            (sj.CFG_INBOUND_ROUTE, InboundRouteRequest, self.inbound_route),
         ]
         for action, model, handler in routes:
             self._subs.append(await serve(self.nc, self.subjects.cfg(action), model, _translate(handler),
@@ -89,6 +92,9 @@ class NatsApi:
 
     async def telephony_credentials(self, req: TelephonyCredentialsRequest) -> TelephonyCredentials:
         return await self.store.telephony_credentials(req.telephony_config_id)
+
+    async def inbound_route(self, req: InboundRouteRequest) -> InboundRoute:
+        return await self.store.inbound_route(req.provider, req.account_id, req.called_number)
 
     async def run_create(self, req: RunCreate) -> RunRecord:
         return await self.store.create_run(req)

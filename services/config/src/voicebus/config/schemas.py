@@ -99,3 +99,53 @@ class TelephonyOut(BaseModel):
 class QuotaOut(BaseModel):
     concurrent_call_limit: int
     in_use: int
+
+
+NumberIn = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class PhoneNumberCreate(_In):
+    telephony_configuration_id: int
+    number: NumberIn = Field(description="E.164; spaces, dashes and parentheses are removed.")
+    agent_uuid: str = Field(min_length=1, max_length=64)
+    is_active: bool = True
+
+
+class PhoneNumberUpdate(_In):
+    telephony_configuration_id: int | None = None
+    number: NumberIn | None = None
+    agent_uuid: str | None = Field(default=None, min_length=1, max_length=64)
+    is_active: bool | None = None
+
+
+class PhoneNumberOut(BaseModel):
+    id: int
+    telephony_configuration_id: int
+    provider: str
+    account_id: str = Field(description="The configuration's normalized carrier account id.")
+    number: str
+    agent_uuid: str
+    is_active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class InitiateCall(_In):
+    agent_uuid: str = Field(min_length=1, max_length=64)
+    to: NumberIn = Field(description="The callee, E.164.")
+    from_: NumberIn | None = Field(default=None, alias="from",
+                                   description="Caller id, E.164; default: the carrier's choice for the account.")
+    telephony_configuration_id: int | None = Field(
+        default=None, description="Default: the organization's dial-capable configuration with the lowest id.")
+    ring_timeout_s: int = Field(default=30, ge=5, le=120, description="How long the callee's phone rings.")
+
+
+class InitiateCallOut(BaseModel):
+    run_id: int
+    run_name: str
+    call_id: str = Field(description="voicebus's call id.")
+    carrier_call_id: str
+    from_: str = Field(serialization_alias="from")
+    to: str
+    state: str = Field(description="The run's state: 'created' until the callee answers.")
+    carrier_status: str | None = None

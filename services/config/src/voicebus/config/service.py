@@ -26,8 +26,10 @@ from voicebus.config.crypto import SecretBox, load_keys
 from voicebus.config.db import create_engine, sessionmaker
 from voicebus.config.migrate import upgrade
 from voicebus.config.nats_api import NatsApi
+from voicebus.config.outbound import Outbound
 from voicebus.config.quota import Quota
 from voicebus.config.reaper import Reaper
+from voicebus.config.ringing import RingingLeases
 from voicebus.config.settings import ConfigSettings
 from voicebus.config.store import Store
 from voicebus.kit import Health, connect_nats
@@ -55,6 +57,7 @@ class ConfigService:
     nc: NATS
     js: JetStreamContext
     nats_api: NatsApi
+    outbound: Outbound
     consumer: EventConsumer | None
     reaper: Reaper | None
     health: Health
@@ -108,6 +111,9 @@ class ConfigService:
         self.nats_api = NatsApi(self.nc, self.subjects, self.store, self.quota)
         await self.nats_api.start()
         self._stack.push_async_callback(self.nats_api.stop)
+
+        self.outbound = Outbound(self.nc, self.subjects, self.store, self.quota, RingingLeases(self.store, self.quota))
+        self._stack.push_async_callback(self.outbound.stop)
 
         self.consumer = None
         if self._want_consumer:

@@ -31,6 +31,8 @@ from voicebus.bus.messages import (
     CallEnded,
     CallHangup,
     CallStarted,
+    CallStatusEvent,
+    InboundRoute,
     LifecycleEvent,
     ResolvedAgent,
     RunCreate,
@@ -41,24 +43,36 @@ from voicebus.bus.messages import (
 )
 from voicebus.config.crypto import MaskedValueError, SecretBox, SecretUnreadable, restore_masked
 from voicebus.config.db import utcnow
-from voicebus.config.errors import Conflict, Invalid, NotFound, SecretUnreadableError, Unauthorized
+from voicebus.config.errors import (
+    Conflict,
+    Invalid,
+    NotFound,
+    SecretUnreadableError,
+    Unauthorized,
+    UnknownAccount,
+    UnknownNumber,
+)
 from voicebus.config.models import (
     Agent,
     AgentVersion,
     ApiKey,
     Organization,
+    PhoneNumber,
     ProcessedEvent,
     TelephonyConfiguration,
     WorkflowRun,
 )
+from voicebus.config.phone import InvalidNumber, normalize_e164
 from voicebus.config.schemas import (
     AgentOut,
     AgentVersionOut,
     ApiKeyOut,
     OrganizationOut,
+    PhoneNumberOut,
     TelephonyOut,
 )
 from voicebus.telephony import ProviderSpec, all_specs, get_spec
+from voicebus.telephony.calls import NOT_CONNECTED_STATUSES
 
 log = logging.getLogger("voicebus.config.store")
 
@@ -66,6 +80,8 @@ API_KEY_PREFIX = "vbk_"
 API_KEY_DISPLAY_CHARS = 12
 LAST_USED_RESOLUTION = timedelta(seconds=60)
 ACTIVE_STATES = ("created", "running")
+# A carrier said "completed" before the media socket ever opened (answered, then gone, or a machine).
+ENDED_BEFORE_MEDIA = "ended_before_media"
 
 
 MAX_DB_ID = 2**31 - 1  # INTEGER columns; a larger id from a client can only be "not found"
@@ -341,18 +357,20 @@ class Store:
     async def resolve_agent(self, agent_uuid: str) -> ResolvedAgent:
         """What a call runs: the published version, or the draft of an agent never published."""
         async with self.tx() as s:
-            agent = await self._agent(s, None, agent_uuid)
-            if agent.published_version is not None:
-                stored = await s.scalar(sa.select(AgentVersion.definition).where(
-                    AgentVersion.agent_id == agent.id, AgentVersion.version == agent.published_version))
-                if stored is None:
-                    raise NotFound(f"agent {agent_uuid} version {agent.published_version} is missing")
-                source, version = "published", agent.published_version
-            else:
-                stored, source, version = agent.draft_definition, "draft", None
-            return ResolvedAgent(agent_uuid=agent.uuid, organization_id=agent.organization_id, name=agent.name,
-                                 version=version, definition_source=source,  # type: ignore[arg-type]
-                                 definition=AgentDefinition.model_validate(self._plain_definition(stored)))
+            return await self._resolved(s, await self._agent(s, None, agent_uuid))
+
+    async def _resolved(self, s: AsyncSession, agent: Agent) -> ResolvedAgent:
+        if agent.published_version is not None:
+            stored = await s.scalar(sa.select(AgentVersion.definition).where(
+                AgentVersion.agent_id == agent.id, AgentVersion.version == agent.published_version))
+            if stored is None:
+                raise NotFound(f"agent {agent.uuid} version {agent.published_version} is missing")
+            source, version = "published", agent.published_version
+        else:
+            stored, source, version = agent.draft_definition, "draft", None
+        return ResolvedAgent(agent_uuid=agent.uuid, organization_id=agent.organization_id, name=agent.name,
+                             version=version, definition_source=source,  # type: ignore[arg-type]
+                             definition=AgentDefinition.model_validate(self._plain_definition(stored)))
 
     # ================================================================ telephony configurations
     def _spec(self, provider: str, loc: tuple[str | int, ...] = ("body", "provider")) -> ProviderSpec:
@@ -451,13 +469,29 @@ class Store:
                     plain, account_id = self._validated_credentials(spec, credentials, stored_plain)
                     if account_id != cfg.account_id:
                         await self._check_unique_account(s, organization_id, cfg.provider, account_id, cfg.id)
+                        await self._move_numbers(s, cfg, account_id)
                     cfg.account_id = account_id
                     cfg.credentials = self.box.encrypt_paths(plain, paths)
                 cfg.updated_at = utcnow()
                 await s.flush()
                 return self._telephony_out(cfg)
         except IntegrityError:
-            raise Conflict("this organization already has a configuration for that provider account") from None
+            raise Conflict("this organization already has a configuration for that provider account, or one of "
+                           "this configuration's numbers is already configured on the new account") from None
+
+    async def _move_numbers(self, s: AsyncSession, cfg: TelephonyConfiguration, account_id: str) -> None:
+        """The configuration's numbers follow it to its new account id, unless one is taken there."""
+        mine = sa.select(PhoneNumber.number).where(PhoneNumber.telephony_configuration_id == cfg.id)
+        clash = (await s.execute(sa.select(PhoneNumber.number, PhoneNumber.organization_id,
+                                           PhoneNumber.telephony_configuration_id).where(
+            PhoneNumber.provider == cfg.provider, PhoneNumber.account_id == account_id,
+            PhoneNumber.number.in_(mine)).order_by(PhoneNumber.number).limit(1))).first()
+        if clash is not None:
+            raise Conflict(f"cannot change the account id to {account_id!r}: number {clash[0]} of this "
+                           f"configuration is already configured on that {cfg.provider} account "
+                           f"({_owner(clash[1], clash[2], cfg.organization_id)})")
+        await s.execute(sa.update(PhoneNumber).where(PhoneNumber.telephony_configuration_id == cfg.id)
+                        .values(account_id=account_id, updated_at=utcnow()))
 
     async def delete_telephony(self, organization_id: int, config_id: int) -> None:
         """Refused while a live run uses it (its hangup would need these credentials); ended runs keep
@@ -469,6 +503,12 @@ class Store:
             if active:
                 raise Conflict(f"telephony configuration {config_id} is used by {active} active run(s); "
                                "delete it once they have ended")
+            numbers = list(await s.scalars(sa.select(PhoneNumber.number).where(
+                PhoneNumber.telephony_configuration_id == cfg.id).order_by(PhoneNumber.number)))
+            if numbers:
+                shown = ", ".join(numbers[:5]) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+                raise Conflict(f"telephony configuration {config_id} still has {len(numbers)} phone number(s) "
+                               f"({shown}); delete or move them first")
             await s.execute(sa.update(WorkflowRun).where(WorkflowRun.telephony_configuration_id == cfg.id)
                             .values(telephony_configuration_id=None))
             await s.delete(cfg)
@@ -493,6 +533,17 @@ class Store:
         return TelephonyMatch(telephony_config_id=cfg.id, provider=cfg.provider, name=cfg.name,
                               account_id=cfg.account_id, has_credentials=has)
 
+    async def telephony_providers(self, organization_id: int, config_id: int | None = None) -> list[tuple[int, str]]:
+        """(id, provider) of the organization's configurations, lowest id first; one, or 404, with ``config_id``."""
+        async with self.tx() as s:
+            if config_id is not None:
+                cfg = await self._telephony(s, organization_id, config_id)
+                return [(cfg.id, cfg.provider)]
+            rows = await s.execute(sa.select(TelephonyConfiguration.id, TelephonyConfiguration.provider)
+                                   .where(TelephonyConfiguration.organization_id == organization_id)
+                                   .order_by(TelephonyConfiguration.id))
+            return [(r[0], r[1]) for r in rows]
+
     async def telephony_credentials(self, config_id: int) -> TelephonyCredentials:
         async with self.tx() as s:
             cfg = await self._telephony(s, None, config_id)
@@ -504,8 +555,123 @@ class Store:
         return TelephonyCredentials(telephony_config_id=cfg.id, organization_id=cfg.organization_id,
                                     provider=cfg.provider, credentials=plain)
 
+    # ================================================================ phone numbers
+    def _number(self, value: str, loc: tuple[str | int, ...] = ("body", "number")) -> str:
+        try:
+            return normalize_e164(value)
+        except InvalidNumber as e:
+            raise Invalid(f"number: {e}", loc) from None
+
+    async def _phone(self, s: AsyncSession, organization_id: int, number_id: int,
+                     lock: bool = False) -> PhoneNumber:
+        row = await s.get(PhoneNumber, number_id, with_for_update=lock) if _id_ok(number_id) else None
+        if row is None or row.organization_id != organization_id:
+            raise NotFound(f"phone number {number_id} not found")
+        return row
+
+    async def _check_number_free(self, s: AsyncSession, organization_id: int, provider: str, account_id: str,
+                                 number: str, exclude_id: int | None = None) -> None:
+        q = sa.select(PhoneNumber.organization_id, PhoneNumber.telephony_configuration_id).where(
+            PhoneNumber.provider == provider, PhoneNumber.account_id == account_id, PhoneNumber.number == number)
+        if exclude_id is not None:
+            q = q.where(PhoneNumber.id != exclude_id)
+        other = (await s.execute(q)).first()
+        if other is not None:
+            raise Conflict(f"number {number} is already configured on {provider} account {account_id!r} "
+                           f"({_owner(other[0], other[1], organization_id)}); a number routes to one agent")
+
+    async def create_phone_number(self, organization_id: int, config_id: int, number: str, agent_uuid: str,
+                                  is_active: bool = True) -> PhoneNumberOut:
+        number = self._number(number)
+        now = utcnow()
+        try:
+            async with self.tx() as s:
+                cfg = await self._telephony(s, organization_id, config_id)
+                agent = (await self._agent(s, organization_id, agent_uuid)).uuid
+                await self._check_number_free(s, organization_id, cfg.provider, cfg.account_id, number)
+                row = PhoneNumber(organization_id=organization_id, telephony_configuration_id=cfg.id,
+                                  provider=cfg.provider, account_id=cfg.account_id, number=number, agent_uuid=agent,
+                                  is_active=is_active, created_at=now, updated_at=now)
+                s.add(row)
+                await s.flush()
+                return _phone_out(row)
+        except IntegrityError:  # lost a race with a create of the same number
+            raise Conflict(f"number {number} is already configured on that carrier account") from None
+
+    async def list_phone_numbers(self, organization_id: int, config_id: int | None = None) -> list[PhoneNumberOut]:
+        q = sa.select(PhoneNumber).where(PhoneNumber.organization_id == organization_id)
+        if config_id is not None:
+            q = q.where(PhoneNumber.telephony_configuration_id == config_id)
+        async with self.tx() as s:
+            return [_phone_out(r) for r in await s.scalars(q.order_by(PhoneNumber.id))]
+
+    async def get_phone_number(self, organization_id: int, number_id: int) -> PhoneNumberOut:
+        async with self.tx() as s:
+            return _phone_out(await self._phone(s, organization_id, number_id))
+
+    async def update_phone_number(self, organization_id: int, number_id: int, *, config_id: int | None = None,
+                                  number: str | None = None, agent_uuid: str | None = None,
+                                  is_active: bool | None = None) -> PhoneNumberOut:
+        new_number = self._number(number) if number is not None else None
+        try:
+            async with self.tx() as s:
+                row = await self._phone(s, organization_id, number_id, lock=True)
+                if config_id is not None and config_id != row.telephony_configuration_id:
+                    cfg = await self._telephony(s, organization_id, config_id)
+                    row.telephony_configuration_id, row.provider, row.account_id = cfg.id, cfg.provider, cfg.account_id
+                if new_number is not None:
+                    row.number = new_number
+                await self._check_number_free(s, organization_id, row.provider, row.account_id, row.number, row.id)
+                if agent_uuid is not None:
+                    row.agent_uuid = (await self._agent(s, organization_id, agent_uuid)).uuid
+                if is_active is not None:
+                    row.is_active = is_active
+                row.updated_at = utcnow()
+                await s.flush()
+                return _phone_out(row)
+        except IntegrityError:
+            raise Conflict("that number is already configured on that carrier account") from None
+
+    async def delete_phone_number(self, organization_id: int, number_id: int) -> None:
+        async with self.tx() as s:
+            await s.delete(await self._phone(s, organization_id, number_id, lock=True))
+
+    async def inbound_route(self, provider: str, account_id: str, called_number: str) -> InboundRoute:
+        """The one route of a call to ``called_number`` on a carrier account, whichever organization has it.
+
+        The pair (account, number) is unique in the database, so at most one row answers; the errors say
+        which half is unknown, because ingress tells the caller (and the log) different things.
+        """
+        spec = get_spec(provider)
+        if spec is None:
+            raise UnknownAccount(f"unknown provider {provider!r}; known providers: {known_providers()}")
+        account = spec.normalize_account_id(account_id)
+        async with self.tx() as s:
+            known = await s.scalar(sa.select(TelephonyConfiguration.id).where(
+                TelephonyConfiguration.provider == spec.name, TelephonyConfiguration.account_id == account).limit(1))
+            if known is None:
+                raise UnknownAccount(f"no {spec.name} telephony configuration for account {account!r}")
+            try:
+                number = normalize_e164(called_number)
+            except InvalidNumber as e:
+                raise UnknownNumber(f"called number {e}") from None
+            row = await s.scalar(sa.select(PhoneNumber).where(
+                PhoneNumber.provider == spec.name, PhoneNumber.account_id == account, PhoneNumber.number == number))
+            if row is None:
+                raise UnknownNumber(f"number {number} is not configured on {spec.name} account {account!r}")
+            if not row.is_active:
+                raise UnknownNumber(f"number {number} on {spec.name} account {account!r} is inactive "
+                                    f"(phone number {row.id})")
+            try:
+                agent = await self._agent(s, row.organization_id, row.agent_uuid)
+            except NotFound:
+                raise NotFound(f"agent {row.agent_uuid} of number {number} (phone number {row.id}) no longer "
+                               "exists") from None
+            return InboundRoute(organization_id=row.organization_id, telephony_config_id=row.telephony_configuration_id,
+                                phone_number_id=row.id, number=row.number, agent=await self._resolved(s, agent))
+
     # ================================================================ runs
-    async def create_run(self, req: RunCreate) -> RunRecord:
+    async def create_run(self, req: RunCreate, telephony_configuration_id: int | None = None) -> RunRecord:
         for name, limit in RUN_FIELD_LIMITS.items():
             value = getattr(req, name)
             if value is not None and len(value) > limit:
@@ -514,11 +680,14 @@ class Store:
         async with self.tx() as s:
             await self._org(s, req.organization_id)
             await self._agent(s, req.organization_id, req.agent_uuid)
+            if telephony_configuration_id is not None and not await self._config_in_org(
+                    s, telephony_configuration_id, req.organization_id):
+                raise NotFound(f"telephony configuration {telephony_configuration_id} not found")
             run = WorkflowRun(
                 organization_id=req.organization_id, agent_uuid=req.agent_uuid.strip().lower(),
                 agent_version=req.agent_version, definition_source=req.definition_source, name=req.name,
                 call_id=req.call_id, call_type=req.call_type, mode=req.mode, state="created", end_reason=None,
-                telephony_configuration_id=None, initial_context=dict(req.initial_context),
+                telephony_configuration_id=telephony_configuration_id, initial_context=dict(req.initial_context),
                 gathered_context=dict(req.gathered_context), logs=dict(req.logs),
                 quota_lease_id=req.quota_lease_id, created_at=now, updated_at=now)
             s.add(run)
@@ -648,6 +817,11 @@ class Store:
         if isinstance(event, CallEnded):
             run = await s.get(WorkflowRun, event.run_id) if _id_ok(event.run_id) else None
             out.release = _leases_of(event, run)
+        elif isinstance(event, CallStatusEvent):
+            run = await s.get(WorkflowRun, event.run_id) if _id_ok(event.run_id) else None
+            if run is not None and run.organization_id == event.organization_id and run.quota_lease_id \
+                    and run.state in TERMINAL_STATES:
+                out.release = [(run.organization_id, run.quota_lease_id)]
         return out
 
     async def _apply(self, s: AsyncSession, event: LifecycleEvent) -> EventOutcome:
@@ -682,8 +856,34 @@ class Store:
         elif isinstance(event, CallHangup):
             run.logs = {**run.logs, "carrier_hangup": {"outcome": event.outcome, "status": event.status,
                                                        "at": event.at.isoformat()}}
+        elif isinstance(event, CallStatusEvent):
+            self._apply_status(run, event, out)
         run.updated_at = utcnow()
         return out
+
+    @staticmethod
+    def _apply_status(run: WorkflowRun, event: CallStatusEvent, out: EventOutcome) -> None:
+        """A carrier status callback: always logged; it ends a live run only when it says the callee was
+        never connected. ``completed`` of a running call is left to ingress and the runner, which know the
+        precise reason (caller hangup, agent hangup, ...)."""
+        entry = {"status": event.status, "raw_status": event.raw_status, "duration_s": event.duration_s,
+                 "at": event.at.isoformat(), "fields": dict(event.fields)}
+        logs = dict(run.logs or {})
+        logs["status_callbacks"] = [*(logs.get("status_callbacks") or []), entry]
+        run.logs = logs
+        if event.duration_s is not None:
+            run.gathered_context = {**(run.gathered_context or {}), "call_duration_s": event.duration_s}
+        if run.state in TERMINAL_STATES:
+            return
+        reason = None
+        if event.status in NOT_CONNECTED_STATUSES:
+            reason = event.status
+        elif event.status == "completed" and run.state == "created":
+            reason = ENDED_BEFORE_MEDIA
+        if reason is not None:
+            run.state, run.end_reason, run.ended_at = "failed", reason, event.at
+            if run.quota_lease_id:
+                out.release.append((run.organization_id, run.quota_lease_id))
 
 
 def _leases_of(event: CallEnded, run: WorkflowRun | None) -> list[tuple[int, str]]:
@@ -693,6 +893,19 @@ def _leases_of(event: CallEnded, run: WorkflowRun | None) -> list[tuple[int, str
         if lease and (org, lease) not in leases:
             leases.append((org, lease))
     return leases
+
+
+def _owner(organization_id: int, config_id: int, viewer_org: int) -> str:
+    """Who holds a clashing number, as the viewer may see it: another organization's ids stay hidden."""
+    if organization_id == viewer_org:
+        return f"telephony configuration {config_id}"
+    return "by another organization"
+
+
+def _phone_out(row: PhoneNumber) -> PhoneNumberOut:
+    return PhoneNumberOut(id=row.id, telephony_configuration_id=row.telephony_configuration_id, provider=row.provider,
+                          account_id=row.account_id, number=row.number, agent_uuid=row.agent_uuid,
+                          is_active=row.is_active, created_at=row.created_at, updated_at=row.updated_at)
 
 
 def _merge(run: WorkflowRun, attr: str, patch: dict[str, Any] | None) -> None:
@@ -718,6 +931,6 @@ def run_record(run: WorkflowRun) -> RunRecord:
         agent_version=run.agent_version, definition_source=run.definition_source,
         initial_context=dict(run.initial_context or {}), gathered_context=dict(run.gathered_context or {}),
         logs=dict(run.logs or {}), created_at=run.created_at, started_at=run.started_at, ended_at=run.ended_at,
-        updated_at=run.updated_at,
+        updated_at=run.updated_at, quota_lease_id=run.quota_lease_id,
     )
 
