@@ -616,12 +616,14 @@ class Store:
         try:
             async with self.tx() as s:
                 row = await self._phone(s, organization_id, number_id, lock=True)
+                # Checked before the row changes: a query would autoflush the change and hit the constraint.
+                target = (row.telephony_configuration_id, row.provider, row.account_id)
                 if config_id is not None and config_id != row.telephony_configuration_id:
                     cfg = await self._telephony(s, organization_id, config_id)
-                    row.telephony_configuration_id, row.provider, row.account_id = cfg.id, cfg.provider, cfg.account_id
-                if new_number is not None:
-                    row.number = new_number
-                await self._check_number_free(s, organization_id, row.provider, row.account_id, row.number, row.id)
+                    target = (cfg.id, cfg.provider, cfg.account_id)
+                value = new_number if new_number is not None else row.number
+                await self._check_number_free(s, organization_id, target[1], target[2], value, row.id)
+                (row.telephony_configuration_id, row.provider, row.account_id), row.number = target, value
                 if agent_uuid is not None:
                     row.agent_uuid = (await self._agent(s, organization_id, agent_uuid)).uuid
                 if is_active is not None:
