@@ -34,6 +34,8 @@ from voicebus.bus.messages import (
     HangupRequest,
     HangupResult,
     Heartbeat,
+    LegRegister,
+    LegRegistered,
     Msg,
     OfferAccepted,
     QuotaAcquireRequest,
@@ -46,8 +48,6 @@ from voicebus.bus.messages import (
     RunUpdate,
     TelephonyMatch,
     TelephonyMatchRequest,
-    ValidateSessionRequest,
-    ValidateSessionResult,
     event_in_adapter,
 )
 from voicebus.bus.rpc import BusError, serve
@@ -62,13 +62,13 @@ from voicebus.bus.subjects import (
     CFG_TELEPHONY_MATCH,
     CONFIG_QUEUE,
     CTL_HANGUP,
-    CTL_VALIDATE_SESSION,
+    CTL_LEG_REGISTER,
     RUNNER_QUEUE,
     Subjects,
 )
 from voicebus.ingress.service import IngressService
 from voicebus.ingress.settings import IngressSettings
-from voicebus.telephony.providers.cloudonix.media import carrier_connected, carrier_start
+from voicebus.telephony.dialects.twilio_media_carrier import carrier_connected, carrier_start
 
 AGENT_UUID = "3f2b8c1e-9a47-4d0e-8b6a-2f1c5e7d9a01"
 ORG_ID = 42
@@ -223,23 +223,24 @@ class FakeCallControl:
     def __init__(self, nc: NATS, subjects: Subjects, changes: Changes) -> None:
         self.nc, self.subjects, self.changes = nc, subjects, changes
         self.valid_sessions = {SESSION}
-        self.validations: list[ValidateSessionRequest] = []
+        self.validations: list[LegRegister] = []
         self.hangups: list[HangupRequest] = []
         self.hangup_error: BusError | None = None
         self._subs: list[Subscription] = []
 
     async def start(self) -> FakeCallControl:
-        self._subs.append(await serve(self.nc, self.subjects.ctl(CTL_VALIDATE_SESSION), ValidateSessionRequest,
+        self._subs.append(await serve(self.nc, self.subjects.ctl(CTL_LEG_REGISTER), LegRegister,
                                       self.validate, queue=CALL_CONTROL_QUEUE))
         self._subs.append(await serve(self.nc, self.subjects.ctl(CTL_HANGUP), HangupRequest, self.hangup,
                                       queue=CALL_CONTROL_QUEUE))
         return self
 
-    async def validate(self, req: ValidateSessionRequest) -> ValidateSessionResult:
+    async def validate(self, req: LegRegister) -> LegRegistered:
+        """Cloudonix legs are registered with confirm=True: the session validation."""
         self.validations.append(req)
         await self.changes.notify()
-        ok = req.session in self.valid_sessions
-        return ValidateSessionResult(valid=ok, status=200 if ok else 404)
+        ok = req.carrier_call_id in self.valid_sessions
+        return LegRegistered(confirmed=ok, status=200 if ok else 404)
 
     async def hangup(self, req: HangupRequest) -> HangupResult:
         self.hangups.append(req)
@@ -401,7 +402,7 @@ class Harness:
 
 def start_message(**overrides: Any) -> str:
     args: dict[str, Any] = dict(stream_sid="MZ-stream-1", call_sid="CA-call-1", session=SESSION,
-                                account_sid="acme", from_number="+15550001", to_number="+15550002")
+                                account_sid="acme", context="inbound", from_number="+15550001", to_number="+15550002")
     args.update(overrides)
     return carrier_start(**args)
 

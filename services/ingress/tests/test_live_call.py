@@ -21,7 +21,7 @@ from voicebus.bus.messages import (
     MarkEvent,
 )
 from voicebus.bus.rpc import BusError
-from voicebus.telephony.providers.cloudonix.media import (
+from voicebus.telephony.dialects.twilio_media_carrier import (
     ServerClear,
     ServerMark,
     ServerMedia,
@@ -98,8 +98,11 @@ async def test_run_created_and_marked_running_with_every_field(harness: Harness)
 
     offer = call.offer
     assert (offer.call_id, offer.run_id, offer.organization_id) == (create.call_id, run.id, ORG_ID)
-    assert offer.provider == "cloudonix" and offer.telephony_config_id == CONFIG_ID
-    assert offer.carrier_call_ref == SESSION
+    assert offer.provider == "cloudonix"
+    assert "carrier_call_ref" not in offer.model_dump()  # carrier refs do not ride the bus
+    (leg,) = harness.callcontrol.validations  # the leg, recorded in call-control when the session was confirmed
+    assert (leg.call_id, leg.telephony_config_id, leg.carrier_call_id, leg.confirm) == (
+        create.call_id, CONFIG_ID, SESSION, True)
     assert offer.media.sample_rate == 8000 and offer.media.frame_bytes == 320
     assert (offer.caller_number, offer.called_number) == ("+15550001", "+15550002")
     assert offer.agent.agent_uuid == AGENT_UUID and offer.resume is False
@@ -255,7 +258,6 @@ async def test_runner_lost_asks_call_control_to_hang_up(harness: Harness):
     assert len(harness.callcontrol.hangups) == 1
     hangup = harness.callcontrol.hangups[0]
     assert (hangup.call_id, hangup.run_id) == (call.offer.call_id, harness.config.only_run.id)
-    assert (hangup.telephony_config_id, hangup.carrier_call_ref) == (CONFIG_ID, SESSION)
     assert (hangup.reason, hangup.end_state, hangup.organization_id) == ("runner_lost", "failed", ORG_ID)
     assert harness.events.terminal() == []  # call-control publishes it
     await harness.changes.wait(harness.config.all_leases_released)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from voicebus.bus.rpc import BusError
-from voicebus.telephony.providers.cloudonix.media import carrier_connected
+from voicebus.telephony.dialects.twilio_media_carrier import carrier_connected
 
 from .conftest import AGENT_UUID, CONFIG_ID, DOMAIN, ORG_ID, SESSION, Harness, closed
 
@@ -51,8 +51,8 @@ async def test_unknown_provider_name_is_sanitized_and_fits_a_close_frame(harness
 
 async def test_provider_without_agent_stream_support(harness: Harness):
     await harness.start_ingress()
-    ws = await harness.dial(harness.url(provider="twilio"), handshake=False)
-    assert (await closed(ws))[:2] == (1011, "Agent Stream is not supported for provider twilio")
+    ws = await harness.dial(harness.url(provider="vonage"), handshake=False)
+    assert (await closed(ws))[:2] == (1011, "Agent Stream is not supported for provider vonage")
     assert_nothing_created(harness)
 
 
@@ -204,7 +204,8 @@ async def test_session_validation_failed(harness: Harness):
     await harness.start_ingress()
     ws = await harness.dial()
     await expect_failed_run(harness, 4400, "Cloudonix session validation failed", ws)
-    assert [(v.telephony_config_id, v.session) for v in harness.callcontrol.validations] == [(CONFIG_ID, SESSION)]
+    assert [(v.telephony_config_id, v.carrier_call_id, v.confirm) for v in harness.callcontrol.validations] == [
+        (CONFIG_ID, SESSION, True)]
 
 
 async def test_call_control_unreachable(harness: Harness):

@@ -9,19 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import uvicorn
-from fastapi import FastAPI, WebSocket
+from fastapi import FastAPI, Request, Response, WebSocket
 from nats.aio.client import Client as NATS
+from starlette.requests import HTTPConnection
 
 from voicebus.bus.events import ensure_events_stream
 from voicebus.bus.subjects import Subjects
+from voicebus.ingress.agent_stream import AgentStreamCall
 from voicebus.ingress.bus import BusClient
-from voicebus.ingress.call import AgentStreamCall
+from voicebus.ingress.close_codes import CLOSE_POLICY
+from voicebus.ingress.media_socket import MediaSocketCall
+from voicebus.ingress.pending import PendingCalls
 from voicebus.ingress.settings import IngressSettings
+from voicebus.ingress.webhooks import PREFIX as TELEPHONY_PREFIX
+from voicebus.ingress.webhooks import Webhooks
 from voicebus.kit import Health, QuietServer, connect_nats, health_router
 from voicebus.observability import redact
-from voicebus.telephony.agent_stream import CLOSE_POLICY
 
 log = logging.getLogger("voicebus.ingress")
 
@@ -68,7 +74,10 @@ class IngressService:
         self._own_nc = nc is None
         self._nc = nc
         self.draining = False
-        self.calls: set[AgentStreamCall] = set()
+        self.calls: set[AgentStreamCall | MediaSocketCall] = set()
+        self.webhooks = Webhooks(self)
+        self._pending: PendingCalls | None = None
+        self._last_base = ""
         self._idle = asyncio.Event()
         self._idle.set()
         self.health = Health("ingress")
@@ -87,6 +96,15 @@ class IngressService:
     def bus(self) -> BusClient:
         return self._bus
 
+    @property
+    def pending(self) -> PendingCalls:
+        assert self._pending is not None, "IngressService.start() first"
+        return self._pending
+
+    def public_base(self) -> str:
+        """Where carriers reach this ingress: the configured public URL, else the last request's own base."""
+        return (self.settings.public_url or self._last_base or f"http://127.0.0.1:{self.port}").rstrip("/")
+
     # ------------------------------------------------------------------ app
     def _build_app(self) -> FastAPI:
         install_url_redaction()
@@ -94,6 +112,21 @@ class IngressService:
         self.health.add("nats", lambda: self._nc is not None and self._nc.is_connected)
         self.health.add("accepting_calls", lambda: not self.draining)
         app.include_router(health_router(self.health))
+        app.include_router(self.webhooks.router())
+
+        @app.middleware("http")
+        async def remember_base(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            self._note_base(request)
+            return await call_next(request)
+
+        @app.websocket(TELEPHONY_PREFIX + "/media/{call_id}")
+        async def media_socket(websocket: WebSocket, call_id: str) -> None:
+            call = MediaSocketCall(self, websocket, call_id)
+            self._track(call)
+            try:
+                await call.handle()
+            finally:
+                self._untrack(call)
 
         @app.websocket(AGENT_STREAM_PATH + "/{agent_uuid}")
         async def agent_stream(websocket: WebSocket, agent_uuid: str) -> None:
@@ -112,12 +145,16 @@ class IngressService:
 
         return app
 
-    def _track(self, call: AgentStreamCall) -> None:
+    def _note_base(self, conn: HTTPConnection) -> None:
+        if not self.settings.public_url:
+            self._last_base = f"{conn.url.scheme}://{conn.url.netloc}"
+
+    def _track(self, call: AgentStreamCall | MediaSocketCall) -> None:
         self.calls.add(call)
         self._idle.clear()
         self.health.info["active_calls"] = len(self.calls)
 
-    def _untrack(self, call: AgentStreamCall) -> None:
+    def _untrack(self, call: AgentStreamCall | MediaSocketCall) -> None:
         self.calls.discard(call)
         self.health.info["active_calls"] = len(self.calls)
         if not self.calls:
@@ -130,6 +167,8 @@ class IngressService:
             self._nc = await connect_nats(self.settings.nats_url, name="voicebus-ingress")
         self._bus = BusClient(self._nc, self.subjects, self.settings.rpc_timeout_s)
         await ensure_events_stream(self._nc.jetstream(), self.subjects)
+        self._pending = PendingCalls(self._nc, self.subjects)
+        await self._pending.start()
         if not serve:
             return self
         config = uvicorn.Config(
@@ -172,6 +211,7 @@ class IngressService:
             await asyncio.wait_for(self._idle.wait(), SHUTDOWN_GRACE_S)
 
     async def stop(self) -> None:
+        await self.webhooks.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception, SystemExit):

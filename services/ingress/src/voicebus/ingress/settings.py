@@ -35,3 +35,13 @@ class IngressSettings(ServiceSettings):
         default=600.0, ge=0, validation_alias=_env("VOICEBUS_INGRESS_DRAIN_TIMEOUT_S", "drain_timeout_s"),
         description="On SIGTERM, how long live calls may continue before they are ended.",
     )
+    public_url: str | None = Field(
+        default=None, validation_alias=_env("VOICEBUS_PUBLIC_URL", "public_url"),
+        description="The public base URL carriers reach ingress at (http(s)://host[:port]). Signatures cover the "
+                    "URL the carrier called, and answer markup points at ws(s)://<this>/api/v1/telephony/media/...; "
+                    "unset: the URL of each request as ingress sees it.",
+    )
+    media_token_ttl_s: float = Field(
+        default=60.0, gt=0, le=60.0, validation_alias=_env("VOICEBUS_MEDIA_TOKEN_TTL_S", "media_token_ttl_s"),
+        description="How long the single-use token of a per-call media socket stays valid (at most a minute).",
+    )
