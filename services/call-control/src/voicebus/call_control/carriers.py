@@ -1,56 +1,50 @@
-"""Carrier adapters: the REST actions call-control can take, per provider.
+"""Carriers as call-control sees them: a provider name and stored credentials in, a REST client out.
 
-The registry says which providers exist and how their credentials look; this module says which of
-them call-control can act on. A provider that is registered (config can store it) but has no adapter
-here answers ``not_supported``, so adding REST support for a carrier is one class and one table entry.
+Everything provider-specific comes from the registry (:func:`voicebus.telephony.get_spec`): the
+credentials schema, the REST client factory and the actions it implements, the verifier. This module
+only turns "not there" into a specific ``not_supported`` and a carrier's failure into the bus error
+other services branch on, so adding a carrier never touches call-control.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from voicebus.bus.rpc import BusError
-from voicebus.telephony import get_spec
-from voicebus.telephony.providers.cloudonix.config import CloudonixCredentials
-from voicebus.telephony.providers.cloudonix.rest import CarrierError, CloudonixClient, HangupOutcome
+from voicebus.telephony import api_url, get_spec
+from voicebus.telephony.calls import CarrierError
+from voicebus.telephony.registry import ProviderSpec
+from voicebus.telephony.rest import CarrierRest, RestAction
 
 T = TypeVar("T")
 
 
-class CarrierAdapter(Protocol):
-    async def validate_session(self, credentials: BaseModel, session: str) -> tuple[bool, int]: ...
-
-    async def hangup(self, credentials: BaseModel, call_ref: str) -> tuple[HangupOutcome, int]: ...
-
-
-class CloudonixAdapter:
-    def __init__(self, api_url: str, http: httpx.AsyncClient, **client_kw: Any) -> None:
-        """``client_kw`` goes to :class:`CloudonixClient` (timeouts, retries, budgets)."""
-        self.api_url = api_url
-        self._http = http
-        self._kw = client_kw
-
-    def _client(self, creds: CloudonixCredentials) -> CloudonixClient:
-        if not creds.bearer_token:
-            raise BusError("carrier_auth_failed",
-                           f"the Cloudonix configuration for {creds.domain_id} has no bearer_token")
-        return CloudonixClient(self.api_url, creds.bearer_token, self._http, **self._kw)
-
-    async def validate_session(self, credentials: BaseModel, session: str) -> tuple[bool, int]:
-        assert isinstance(credentials, CloudonixCredentials)
-        return await _carrier(self._client(credentials).validate_session(credentials.domain_id, session))
-
-    async def hangup(self, credentials: BaseModel, call_ref: str) -> tuple[HangupOutcome, int]:
-        assert isinstance(credentials, CloudonixCredentials)
-        return await _carrier(self._client(credentials).hangup(credentials.domain_id, call_ref))
+def spec_of(provider: str) -> ProviderSpec:
+    spec = get_spec(provider)
+    if spec is None:
+        raise BusError("not_supported", f"unknown provider {provider!r}")
+    return spec
 
 
-async def _carrier(coro: Awaitable[T]) -> T:
-    """Turn a carrier failure into the bus error other services branch on."""
+def parse_credentials(spec: ProviderSpec, credentials: Mapping[str, Any]) -> BaseModel:
+    try:
+        return spec.credentials_model.model_validate(dict(credentials))
+    except ValidationError as e:
+        fields = ", ".join(".".join(str(p) for p in err["loc"]) or "credentials" for err in e.errors()[:5])
+        # Only field names: the values may be secrets.
+        raise BusError("carrier_auth_failed",
+                       f"the stored {spec.display_name} credentials are invalid ({fields})") from e
+
+
+async def carrier_call(coro: Awaitable[T]) -> T:
+    """Await a carrier action; its ``CarrierError`` becomes a ``BusError`` with the same code and message.
+
+    The carrier's message is safe to pass on (``CarrierError`` promises it holds no secret).
+    """
     try:
         return await coro
     except CarrierError as e:
@@ -58,23 +52,22 @@ async def _carrier(coro: Awaitable[T]) -> T:
 
 
 class Carriers:
-    """Provider name -> adapter, with the registry as the source of truth for what a provider is."""
+    """Builds one REST client per request from the stored credentials; keeps no secret in between."""
 
-    def __init__(self, adapters: dict[str, CarrierAdapter]) -> None:
-        self._adapters = adapters
+    def __init__(self, http: httpx.AsyncClient, api_urls: Mapping[str, str] | None = None) -> None:
+        """``api_urls`` overrides providers' default API base URLs (``VOICEBUS_CARRIER_API_URLS``)."""
+        self.http = http
+        self.api_urls = dict(api_urls or {})
 
-    def resolve(self, provider: str, credentials: dict[str, Any]) -> tuple[CarrierAdapter, BaseModel]:
-        spec = get_spec(provider)
-        if spec is None:
-            raise BusError("not_supported", f"unknown provider {provider!r}")
-        adapter = self._adapters.get(spec.name)
-        if adapter is None:
-            raise BusError("not_supported", f"call-control has no REST support for {spec.display_name} yet")
+    def rest(self, provider: str, credentials: Mapping[str, Any],
+             action: RestAction) -> tuple[ProviderSpec, BaseModel, CarrierRest]:
+        """The provider's client for ``action``, refused early when the provider does not have it."""
+        spec = spec_of(provider)
+        if spec.rest is None or action not in spec.rest_actions:
+            raise BusError("not_supported", f"{spec.display_name} cannot {action}")
+        creds = parse_credentials(spec, credentials)
         try:
-            creds = spec.credentials_model.model_validate(credentials)
-        except ValidationError as e:
-            fields = ", ".join(".".join(str(p) for p in err["loc"]) or "credentials" for err in e.errors()[:5])
-            # Only field names: the values may be secrets.
-            raise BusError("carrier_auth_failed",
-                           f"the stored {spec.display_name} credentials are invalid ({fields})") from e
-        return adapter, creds
+            client = spec.rest(creds, api_url(spec.name, self.api_urls), self.http)
+        except CarrierError as e:  # e.g. a configuration stored without its API token
+            raise BusError(e.code, e.message) from e
+        return spec, creds, client

@@ -9,18 +9,13 @@ import httpx
 from fastapi import FastAPI
 
 from voicebus.bus.subjects import Subjects
-from voicebus.call_control.carriers import Carriers, CloudonixAdapter
+from voicebus.call_control.carriers import Carriers
 from voicebus.call_control.service import CallControlService
-from voicebus.call_control.settings import CallControlSettings
+from voicebus.call_control.settings import CallControlSettings, load_settings
 from voicebus.kit import Health, connect_nats, health_router, run_service, serve_http
 from voicebus.observability import setup_logging, setup_tracing
 
 log = logging.getLogger("voicebus.call_control")
-
-
-def build_carriers(settings: CallControlSettings, http: httpx.AsyncClient) -> Carriers:
-    return Carriers({"cloudonix": CloudonixAdapter(settings.cloudonix_api_url, http,
-                                                   timeout_s=settings.carrier_timeout_s)})
 
 
 def build_app(health: Health) -> FastAPI:
@@ -32,8 +27,11 @@ def build_app(health: Health) -> FastAPI:
 async def run(settings: CallControlSettings, stop: asyncio.Event) -> None:
     nc = await connect_nats(settings.nats_url, name="voicebus-call-control")
     http = httpx.AsyncClient(follow_redirects=False)
-    service = CallControlService(nc, Subjects(settings.subject_prefix), build_carriers(settings, http),
-                                 instance_id=settings.instance_id, concurrency=settings.concurrency)
+    service = CallControlService(nc, Subjects(settings.subject_prefix), Carriers(http, settings.carrier_api_urls),
+                                 public_url=settings.public_url, instance_id=settings.instance_id,
+                                 concurrency=settings.concurrency)
+    overrides = ", ".join(f"{name}={url}" for name, url in sorted(settings.carrier_api_urls.items()))
+    log.info("carrier API base URLs: %s", overrides or "every provider's default")
     try:
         await service.start()
         health = Health("call-control")
@@ -52,7 +50,7 @@ async def run(settings: CallControlSettings, stop: asyncio.Event) -> None:
 def main() -> None:
     setup_logging("call-control")
     setup_tracing("call-control")
-    settings = CallControlSettings()
+    settings = load_settings()
     run_service(lambda stop: run(settings, stop))
 
 
