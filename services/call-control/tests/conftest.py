@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qsl
 
 import httpx
 import nats
@@ -124,7 +125,7 @@ class FakeCarrier:
         async def create(request: Request) -> Response:
             if (r := refused(request)) is not None:
                 return r
-            form = dict((await request.form()).items())
+            form = dict(parse_qsl((await request.body()).decode()))
             to = str(form.get("to", ""))
             if not to.startswith("+") or not to[1:].isdigit():
                 return answer(request, 400, {"error": "invalid number"})
@@ -156,7 +157,7 @@ class FakeCarrier:
         async def bind(number: str, request: Request) -> Response:
             if (r := refused(request)) is not None:
                 return r
-            voice_url = str((await request.form()).get("voice_url", ""))
+            voice_url = dict(parse_qsl((await request.body()).decode())).get("voice_url", "")
             self.numbers[number] = voice_url
             return answer(request, 200, {"sid": f"PN{abs(hash(number)) % 10_000:04d}", "number": number,
                                          "voice_url": voice_url})
