@@ -101,9 +101,10 @@ async def voicebus(**mode: Any) -> AsyncIterator[Voicebus]:
 
     async def record(request: Request, into: list[dict[str, Any]]) -> dict[str, Any]:
         body = (await request.body()).decode()
-        params = parse_qsl(body, keep_blank_values=True)
+        signed = parse_qsl(body, keep_blank_values=True) if request.method == "POST" else []
+        params = signed or list(request.query_params.multi_items())
         entry = {"url": str(request.url), "params": dict(params), "headers": dict(request.headers),
-                 "valid": _valid(str(request.url), params, request.headers.get("x-twilio-signature"))}
+                 "valid": _valid(str(request.url), signed, request.headers.get("x-twilio-signature"))}
         into.append(entry)
         return entry
 
@@ -121,7 +122,7 @@ async def voicebus(**mode: Any) -> AsyncIterator[Voicebus]:
         entry = await record(request, seen.webhooks)
         return Response(stream_twiml(entry["params"]["CallSid"], f"tok-out-{run_id}"), media_type="application/xml")
 
-    @app.post("/api/v1/telephony/twilio/status-callback/{run_id}")
+    @app.api_route("/api/v1/telephony/twilio/status-callback/{run_id}", methods=["GET", "POST"])
     async def status(run_id: str, request: Request) -> Response:
         await record(request, seen.callbacks)
         return Response(status_code=204)
@@ -479,4 +480,5 @@ async def test_send_signed_records_what_voicebus_answered() -> None:
         seen = vb.seen
     assert ok.http_status == 204 and bad.http_status == 204
     assert [c["valid"] for c in seen.callbacks] == [True, False, True]
-    assert got.url.endswith("?CallSid=CA1")
+    assert got.url.endswith("?CallSid=CA1") and got.http_status == 204
+    assert seen.callbacks[2]["params"] == {"CallSid": "CA1"}
