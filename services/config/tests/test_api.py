@@ -260,7 +260,7 @@ async def test_telephony_input_errors(client: httpx.AsyncClient, org: Any) -> No
     msg = r.json()["message"]
     assert "carrier-pigeon" in msg and all(s.name in msg for s in all_specs())
     r = await client.post("/api/v1/telephony-configurations",
-                          json={"provider": "twilio", "name": "x", "credentials": {"account_sid": "AC1"}},
+                          json={"provider": "twilio", "name": "x", "credentials": {"account_sid": "AC" + "0" * 32}},
                           headers=org.headers)
     assert r.status_code == 422 and "auth_token" in r.json()["message"]
     assert r.json()["detail"][0]["loc"] == ["body", "credentials", "auth_token"]

@@ -876,6 +876,8 @@ class Store:
         if event.duration_s is not None:
             run.gathered_context = {**(run.gathered_context or {}), "call_duration_s": event.duration_s}
         if run.state in TERMINAL_STATES:
+            if run.quota_lease_id:  # whoever ended it may have crashed before releasing; releasing is idempotent
+                out.release.append((run.organization_id, run.quota_lease_id))
             return
         reason = None
         if event.status in NOT_CONNECTED_STATUSES:
