@@ -149,7 +149,7 @@ def test_voicebus_service_environment(name: str) -> None:
     unknown = set(env) - set(cm) - NOT_IN_CONFIGMAP
     assert not unknown, f"{name} sets variables the ConfigMap does not know (typo?): {unknown}"
     # the same knob must mean the same thing in both deployments (URLs and hosts differ legitimately)
-    for key in set(env) & set(cm) - {"NATS_URL", "REDIS_URL", "CLOUDONIX_API_URL"}:
+    for key in set(env) & set(cm) - {"NATS_URL", "REDIS_URL", "VOICEBUS_CARRIER_API_URLS", "VOICEBUS_PUBLIC_URL"}:
         assert env[key] == cm[key], f"{name}: {key}={env[key]!r} in compose but {cm[key]!r} in the ConfigMap"
     health = " ".join(svc["healthcheck"]["test"])
     assert f"127.0.0.1:{port}/readyz" in health, f"{name} healthcheck must ask /readyz on {port}"
@@ -193,5 +193,6 @@ def test_sim_profile_runs_the_cloudonix_stand_in() -> None:
     assert cmd[cmd.index("--port") + 1] == "8090"
     # call-control reaches the stand-in when the user points it there; the default stays the real API
     cc = env_of(services()["call-control"])
-    assert cc["CLOUDONIX_API_URL"] == "https://api.cloudonix.io"
-    assert "CLOUDONIX_API_URL" in str(services()["call-control"]["environment"]["CLOUDONIX_API_URL"])
+    assert cc["VOICEBUS_CARRIER_API_URLS"] == ""
+    assert "${VOICEBUS_CARRIER_API_URLS" in str(services()["call-control"]["environment"]["VOICEBUS_CARRIER_API_URLS"])
+    assert "VOICEBUS_CARRIER_API_URLS=cloudonix=http://cloudonix-api:8090" in COMPOSE.read_text()

@@ -7,6 +7,7 @@ path a deployment uses: each service is its own console script with its own envi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from typing import IO
 import httpx
 
 from voicebus.cli.embedded import EmbeddedNats, EmbeddedValkey, free_port
+from voicebus.telephony import parse_api_urls
 
 COLORS = {"config": "35", "call-control": "33", "agent-runner": "36", "ingress": "32", "nats": "90", "valkey": "90"}
 
@@ -96,6 +98,9 @@ class StackConfig:
     runner_ports: tuple[int, ...] = (8082,)
     call_control_port: int = 8083
     runner_capacity: int = 4
+    # Carrier REST base URLs by provider, merged over VOICEBUS_CARRIER_API_URLS from the environment;
+    # cloudonix_api_url is a shorthand for {"cloudonix": url} (the stand-in in the demo and tests).
+    carrier_api_urls: dict[str, str] = field(default_factory=dict)
     cloudonix_api_url: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
@@ -180,8 +185,13 @@ class Stack:
             "LOG_LEVEL": self.cfg.log_level,
             "PYTHONUNBUFFERED": "1",
         })
+        urls = dict(self.cfg.carrier_api_urls)
         if self.cfg.cloudonix_api_url:
-            env["CLOUDONIX_API_URL"] = self.cfg.cloudonix_api_url
+            urls.setdefault("cloudonix", self.cfg.cloudonix_api_url)
+        if urls:
+            env["VOICEBUS_CARRIER_API_URLS"] = json.dumps(
+                {**parse_api_urls(env.get("VOICEBUS_CARRIER_API_URLS")), **parse_api_urls(urls)})
+        env.setdefault("VOICEBUS_PUBLIC_URL", self.ingress_url)  # outbound answer URLs point at this ingress
         env.update(self.cfg.extra_env)
         return env
 
