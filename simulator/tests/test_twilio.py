@@ -450,7 +450,7 @@ async def test_only_the_events_asked_for_are_sent_and_per_call_behaviour() -> No
     assert [c["params"]["CallStatus"] for c in seen.callbacks] == ["busy"]
 
 
-async def test_cli_twilio_inbound_refusal_and_api_process(tmp_path: Path) -> None:
+async def test_cli_twilio_inbound_refusal() -> None:
     exe = os.path.join(os.path.dirname(sys.executable), "voicebus-sim")
     async with voicebus(refuse=True) as vb:
         proc = await asyncio.create_subprocess_exec(
@@ -482,3 +482,52 @@ async def test_send_signed_records_what_voicebus_answered() -> None:
     assert [c["valid"] for c in seen.callbacks] == [True, False, True]
     assert got.url.endswith("?CallSid=CA1") and got.http_status == 204
     assert seen.callbacks[2]["params"] == {"CallSid": "CA1"}
+
+
+async def test_rest_hangup_of_an_inbound_call_ends_its_stream() -> None:
+    async with voicebus(agent="listen") as vb, twilio_api() as (api, http):
+        call = InboundCall(vb.url, ACCOUNT, TOKEN, to=OUR_NUMBER, twilio_api=api.url)
+        dial = asyncio.create_task(dial_inbound(call))
+        await asyncio.wait_for(vb.seen.started.wait(), 5)
+        r = await http.post(f"/Calls/{call.call_sid}.json", data={"Status": "completed"})
+        assert r.status_code == 200 and r.json()["status"] == "completed" and r.json()["direction"] == "inbound"
+        report = await asyncio.wait_for(dial, 10)
+        seen = vb.seen
+    assert report.stream is not None and report.stream.end_cause == "rest_hangup"
+    assert report.stream.hung_up_by == "agent" and report.stream.find("stop_sent")
+    assert seen.frames[0][-1]["event"] == "stop"
+    assert api.state.calls[call.call_sid].hangups[0]["status"] == "completed"
+
+
+async def test_twilio_api_process_serves_and_stops_on_sigterm() -> None:
+    import signal
+
+    exe = os.path.join(os.path.dirname(sys.executable), "voicebus-sim")
+    async with voicebus() as vb:
+        proc = await asyncio.create_subprocess_exec(
+            exe, "twilio-api", "--port", "0", "--account-sid", ACCOUNT, "--auth-token", TOKEN,
+            "--number", OUR_NUMBER, "--callee", "+15557770003=no-answer", "--ring-ms", "0",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while not lines or "listening on" not in lines[-1]:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+            assert line, "the stand-in exited before listening"
+            lines.append(line)
+        base = lines[-1].rsplit(" ", 1)[-1].strip()
+        assert any(OUR_NUMBER in line for line in lines)
+        async with httpx.AsyncClient(base_url=f"{base}/2010-04-01/Accounts/{ACCOUNT}", auth=basic(),
+                                     trust_env=False, timeout=10) as http:
+            r = await http.post("/Calls.json", data=create_form(vb, to="+15557770003"))
+            assert r.status_code == 201
+            async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=30) as sim:
+                info = (await sim.get(f"/_sim/calls/{r.json()['sid']}", params={"wait_ended": 10})).json()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+        seen = vb.seen
+    assert proc.returncode == 0
+    assert info["status"] == "no-answer" and [c["params"]["CallStatus"] for c in seen.callbacks][-1] == "no-answer"
+    bad = await asyncio.create_subprocess_exec(exe, "twilio-api", "--account-sid", "nope", "--auth-token", "t",
+                                               stderr=asyncio.subprocess.PIPE)
+    _, err = await bad.communicate()
+    assert bad.returncode == 2 and b"AC followed by 32 hex" in err

@@ -183,6 +183,8 @@ class _Dial:
                 r.error = f"voicebus answered with TwiML Twilio cannot read (12100): {e}"
                 return r
             await self.follow(http, verbs)
+            if c.twilio_api:
+                await self.call_over(http)  # the TwiML has run out: Twilio ends the call
             return r
 
     async def follow(self, http: httpx.AsyncClient, verbs: list[Verb]) -> None:
@@ -202,8 +204,6 @@ class _Dial:
                 if r.stream.end_cause == "connect_failed":
                     r.outcome, r.error = "error", r.stream.error
                     return
-                if self.c.twilio_api and r.stream.hung_up_by == "caller":
-                    await self.caller_hung_up(http)
                 if self.c.reuse_token:
                     await self.reuse(http, verb)
             elif isinstance(verb, Say):
@@ -237,7 +237,7 @@ class _Dial:
         if resp.status_code != 201:
             raise SimulatorError(f"the Twilio stand-in refused the call ({resp.status_code}): {resp.text[:200]}")
 
-    async def caller_hung_up(self, http: httpx.AsyncClient) -> None:
+    async def call_over(self, http: httpx.AsyncClient) -> None:
         assert self.c.twilio_api is not None
         try:
             await http.post(f"{self.c.twilio_api.rstrip('/')}/_sim/calls/{self.c.call_sid}/end")
