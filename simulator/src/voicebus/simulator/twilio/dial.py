@@ -135,6 +135,7 @@ def describe_event(e: TimelineEvent) -> str:
         "twiml": f"TwiML {d.get('verb')}",
         "stream_callback": f"stream status callback {d.get('event')}: HTTP {d.get('http_status')}",
         "reuse_attempt": "media socket opened again with the same token",
+        "reuse_result": f"second socket: {d.get('verdict')}",
     }.get(e.kind)
     return text if text is not None else _describe(e)
 
