@@ -124,6 +124,8 @@ def _confirm_detail(status: int) -> str:
         return f"the carrier rejected the configuration's bearer token ({status})"
     if status == 404:
         return "the carrier does not know this session (unknown or already ended)"
+    if 200 <= status < 300:
+        return "the carrier knows the call but it is no longer live"
     return f"the carrier answered {status}"
 
 
