@@ -1,8 +1,8 @@
 """End-to-end fixtures: the four services as separate processes on real NATS, Redis and PostgreSQL.
 
 One stack per test session (start-up costs a few seconds, mostly the runner warming Piper and Silero).
-Only the carrier is stood in for: the Cloudonix REST stand-in and the carrier simulator ship with
-the product. Timeouts are shortened through the services' own settings so refusals are fast.
+Only the carriers are stood in for: the Cloudonix and Twilio cloud stand-ins and the carrier simulator
+ship with the product. Timeouts are shortened through the services' own settings so refusals are fast.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ from voicebus.bus.agent import demo_definition
 from voicebus.cli.demo import create_org, find_run
 from voicebus.cli.stack import Stack, StackConfig
 from voicebus.simulator.cloudonix_api import RunningCloudonixApi, run_cloudonix_api
+from voicebus.simulator.twilio.rest import RunningTwilioApi, run_twilio_api
 
 T = TypeVar("T")
 DOMAIN = "e2e.cloudonix.net"
 NO_TOKEN_DOMAIN = "notoken.cloudonix.net"
+TWILIO_SID = "AC" + "e2e0" * 8
+TWILIO_NUMBER = "+15005550006"  # routed to the e2e agent (a phone number in config)
+TWILIO_FROM = "+15005550010"  # the configuration's from_numbers (outbound caller id)
 TERMINAL = {"completed", "failed"}
 
 
@@ -58,6 +62,9 @@ class E2E:
     telephony_config_id: int
     no_token_config_id: int
     limited_org_agent_uuid: str
+    twilio: RunningTwilioApi
+    twilio_token: str
+    twilio_config_id: int
 
     def url(self, agent_uuid: str | None = None, **params: str) -> str:
         query = {"provider": "cloudonix", "Domain": DOMAIN, **params}
@@ -66,6 +73,11 @@ class E2E:
 
     async def run_for_call(self, call_id: str, timeout: float = 20.0, terminal: bool = True) -> dict[str, Any]:
         return await find_run(self.org.admin, call_id, terminal=terminal, timeout=timeout)
+
+    async def runs(self) -> list[dict[str, Any]]:
+        resp = await self.org.admin.get("/api/v1/runs", params={"limit": 200})
+        resp.raise_for_status()
+        return list(resp.json())
 
     async def quota_in_use(self) -> int:
         resp = await self.org.admin.get("/api/v1/quota")
@@ -95,15 +107,31 @@ async def _tcfg(admin: httpx.AsyncClient, domain: str, token: str) -> int:
     return int(resp.json()["id"])
 
 
+async def _twilio(admin: httpx.AsyncClient, agent_uuid: str, token: str) -> int:
+    resp = await admin.post("/api/v1/telephony-configurations", json={
+        "provider": "twilio", "name": "e2e Twilio", "credentials": {
+            "account_sid": TWILIO_SID, "auth_token": token, "from_numbers": [TWILIO_FROM]}})
+    assert resp.status_code == 201, resp.text
+    tcfg = int(resp.json()["id"])
+    resp = await admin.post("/api/v1/phone-numbers", json={
+        "telephony_configuration_id": tcfg, "number": TWILIO_NUMBER, "agent_uuid": agent_uuid})
+    assert resp.status_code == 201, resp.text
+    return tcfg
+
+
 @pytest.fixture(scope="session")
 async def e2e(nats_url: str, redis_url: str, postgres_url: str,
               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[E2E]:
     token = uuid.uuid4().hex
+    twilio_token = uuid.uuid4().hex
     home = tmp_path_factory.mktemp("stack")
-    async with run_cloudonix_api({DOMAIN: token, NO_TOKEN_DOMAIN: "unused"}) as cloudonix:
+    async with run_cloudonix_api({DOMAIN: token, NO_TOKEN_DOMAIN: "unused"}) as cloudonix, \
+            run_twilio_api(TWILIO_SID, twilio_token, [TWILIO_NUMBER, TWILIO_FROM],
+                           record_dir=home / "twilio") as twilio:
         cfg = StackConfig.free_ports(
             runners=2, home=home, nats_url=nats_url, redis_url=redis_url, database_url=postgres_url,
-            subject_prefix=f"e2e{uuid.uuid4().hex[:8]}", cloudonix_api_url=cloudonix.url, runner_capacity=2,
+            subject_prefix=f"e2e{uuid.uuid4().hex[:8]}", runner_capacity=2,
+            carrier_api_urls={"cloudonix": cloudonix.url, "twilio": twilio.url},
             extra_env={"VOICEBUS_HANDSHAKE_TIMEOUT_S": "2", "VOICEBUS_OFFER_TIMEOUT_S": "3",
                        "VOICEBUS_QUOTA_LEASE_TTL_S": "9", "VOICEBUS_REAPER_INTERVAL_S": "1"},
         )
@@ -123,8 +151,9 @@ async def e2e(nats_url: str, redis_url: str, postgres_url: str,
                 no_token = await _tcfg(admin, NO_TOKEN_DOMAIN, "")
                 limited_agent = await _agent(limited_admin)
                 await _tcfg(limited_admin, DOMAIN, token)
+                twilio_cfg = await _twilio(admin, agent_uuid, twilio_token)
                 yield E2E(stack, cloudonix, token, Org(org["organization_id"], org["api_key"], admin),
-                          agent_uuid, tcfg, no_token, limited_agent)
+                          agent_uuid, tcfg, no_token, limited_agent, twilio, twilio_token, twilio_cfg)
         finally:
             await asyncio.to_thread(stack.stop)
             log.close()

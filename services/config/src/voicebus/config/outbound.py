@@ -41,6 +41,7 @@ AUTH_FAILED = "the carrier rejected the configuration's credentials"
 # call-control's error code -> (HTTP status, retryable). Anything else is call-control misbehaving: 502.
 _STATUS = {
     "carrier_invalid_number": (400, False),
+    "invalid_request": (400, False),  # e.g. a from number that is not one of the configuration's
     "not_supported": (400, False),
     "carrier_auth_failed": (502, False),
     "carrier_error": (503, True),

@@ -529,7 +529,8 @@ class Store:
             plain = self.box.decrypt_paths(cfg.credentials, secret_paths_of(spec))
         except SecretUnreadable as e:
             raise SecretUnreadableError(str(e)) from None
-        has = all(bool(plain.get(f)) for f in spec.sensitive_fields if "." not in f)
+        # Only the secrets the carrier needs: an optional one (Twilio's webhook shared key) may stay empty.
+        has = all(bool(plain.get(f.name)) for f in spec.ui_fields if f.sensitive and f.required and "." not in f.name)
         return TelephonyMatch(telephony_config_id=cfg.id, provider=cfg.provider, name=cfg.name,
                               account_id=cfg.account_id, has_credentials=has)
 

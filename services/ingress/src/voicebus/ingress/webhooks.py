@@ -266,8 +266,15 @@ class Webhooks:
         except Refusal as e:
             await publish_end(self.bus, run.call_id, run, "failed", e.reason, run.quota_lease_id)
             return _markup(spec, NO_AGENT_SAY)
-        lease = QuotaLease(lease_id=run.quota_lease_id, organization_id=run.organization_id, ttl_s=30.0, limit=0,
-                           in_use=0)
+        try:  # renewing also tells us the lease's TTL, which the socket's renewal must beat
+            lease = await self.bus.renew_quota(run.organization_id, run.quota_lease_id)
+        except BusError as e:
+            log.warning("run %s answered but its quota lease could not be renewed (%s)", run.id, e.code)
+            if e.code in ("lease_expired", "not_found"):
+                await publish_end(self.bus, run.call_id, run, "failed", "quota lease expired before answer",
+                                  run.quota_lease_id)
+                return _markup(spec, ENDED_SAY)
+            return _markup(spec, UNAVAILABLE_SAY, 503, retry_after=1)
         initial = run.initial_context
         return await self._answer(spec, run.call_id, run, run.telephony_configuration_id, agent.agent_uuid, lease,
                                   "outbound", initial.get("caller_number"), initial.get("called_number"), None)

@@ -254,6 +254,8 @@ class TwilioState:
         self.ring_ms = ring_ms
         self.max_call_s = max_call_s
         self.record_dir = Path(record_dir) if record_dir else None
+        if self.record_dir is not None:
+            self.record_dir.mkdir(parents=True, exist_ok=True)  # a missing folder must not fail every call
         self.closing = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
         for n in numbers or []:
