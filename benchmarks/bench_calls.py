@@ -75,8 +75,9 @@ async def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="vb-bench-"))
     async with run_cloudonix_api({DEMO_DOMAIN: token}) as cloudonix:
         with (home / "stack.log").open("w") as log:
-            cfg = StackConfig.free_ports(home=home, cloudonix_api_url=cloudonix.url, runner_capacity=args.capacity,
-                                         nats_url=os.environ.get("NATS_URL"), redis_url=os.environ.get("REDIS_URL"),
+            cfg = StackConfig.free_ports(home=home, carrier_api_urls={"cloudonix": cloudonix.url},
+                                         runner_capacity=args.capacity, nats_url=os.environ.get("NATS_URL"),
+                                         redis_url=os.environ.get("REDIS_URL"),
                                          database_url=os.environ.get("DATABASE_URL"))
             stack = Stack(cfg, out=log, color=False)
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,8 @@ import httpx
 import redis
 
 from voicebus.cli.embedded import EmbeddedNats, EmbeddedValkey
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_embedded_servers_run_in_their_own_session() -> None:
@@ -41,7 +44,7 @@ def test_up_serves_and_stops_everything_on_sigint(tmp_path: Path) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if "voicebus is up" in line or "exited" in line:
+            if "Database:" in line or "exited" in line:  # the banner's last line
                 break
         out = "".join(lines)
         assert "voicebus is up" in out, out
@@ -51,6 +54,18 @@ def test_up_serves_and_stops_everything_on_sigint(tmp_path: Path) -> None:
             assert httpx.get(url, timeout=5).status_code == 200
         pids = [int(p) for p in re.findall(r"started embedded \w+ .*? pid (\d+)", out)]
         assert len(pids) == 2, out  # NATS and Valkey
+        # What the banner tells a newcomer to paste works as printed, from the checkout.
+        first_key = re.search(r"First API key:\s+(.+)$", out, re.MULTILINE)
+        assert first_key is not None, out
+        assert "uv run" not in out
+        made = subprocess.run(["bash", "-c", first_key.group(1).strip() + " --json"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        api_key = json.loads(made.stdout.strip().splitlines()[-1])["api_key"]
+        admin = re.search(r"Admin API:\s+(http://\S+)/docs", out)
+        assert admin is not None, out
+        me = httpx.get(f"{admin.group(1)}/api/v1/organizations/me", headers={"Authorization": f"Bearer {api_key}"})
+        assert me.status_code == 200 and me.json()["name"] == "My org", me.text
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, rest

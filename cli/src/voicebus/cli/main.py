@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from voicebus.cli.embedded import free_port
-from voicebus.cli.stack import Stack, StackConfig
+from voicebus.cli.stack import Stack, StackConfig, safe_url
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -25,8 +27,7 @@ def _up(args: argparse.Namespace) -> int:
     cfg = StackConfig.from_env(
         home, ingress_port=ingress, config_port=config, call_control_port=control, runner_ports=runners,
         subject_prefix=os.environ.get("VOICEBUS_SUBJECT_PREFIX", "vb"), runner_capacity=args.capacity,
-        cloudonix_api_url=os.environ.get("CLOUDONIX_API_URL"),
-    )
+    )  # carrier API URLs: VOICEBUS_CARRIER_API_URLS from the environment reaches call-control as it is
     stack = Stack(cfg)
     stopped = threading.Event()
     # Explicit handlers: a shell may start us with SIGINT ignored (background job), and Ctrl-C must
@@ -38,13 +39,8 @@ def _up(args: argparse.Namespace) -> int:
         stack.start_services()
         if stopped.is_set():
             return 130
-        stack.say("")
-        stack.say("voicebus is up. Ctrl-C stops everything.")
-        stack.say(f"  Agent Stream: {stack.ingress_ws_url}/api/v1/agent-stream/<agent_uuid>"
-                  "?provider=cloudonix&Domain=...")
-        stack.say(f"  Admin API:    {stack.config_url}/docs")
-        stack.say("  First key:    uv run voicebus-config create-org --name 'My org'  (same DATABASE_URL)")
-        stack.say(f"  Database:     {stack.database_url}")
+        for line in _up_banner(stack, args.home):
+            stack.say(line)
         while not stopped.wait(0.5):
             dead = [n for n, s in stack.services.items() if not s.alive]
             if dead:
@@ -60,6 +56,35 @@ def _up(args: argparse.Namespace) -> int:
         stack.stop()
         stack.say("stopped")
     return 0
+
+
+def _up_banner(stack: Stack, home: str) -> list[str]:
+    """What a newcomer can paste as it is (from the checkout, in another terminal)."""
+    home_arg = "" if home == ".voicebus" else f" --home {shlex.quote(home)}"
+    return [
+        "",
+        "voicebus is up. Ctrl-C stops everything. In another terminal, from this folder:",
+        f"  First API key:  ./voicebus create-org --name 'My org'{home_arg}",
+        f"  Admin API:      {stack.config_url}/docs  (Authorization: Bearer <api key>)",
+        f"  Agent Stream:   {stack.ingress_ws_url}/api/v1/agent-stream/<agent_uuid>?provider=cloudonix&Domain=<domain>",
+        f"  Inbound calls:  POST {stack.ingress_url}/api/v1/telephony/inbound/run  (your numbers' voice webhook)",
+        f"  Outbound calls: POST {stack.config_url}/api/v1/telephony/initiate-call",
+        f"  Database:       {safe_url(stack.database_url)}",
+    ]
+
+
+def _create_org(args: argparse.Namespace) -> int:
+    """``voicebus-config create-org`` against the embedded stack's database and key, so nothing needs exporting."""
+    home = Path(args.home)
+    env = dict(os.environ)
+    env.setdefault("DATABASE_URL", f"sqlite+aiosqlite:///{(home / 'voicebus.db').resolve()}")
+    env.setdefault("VOICEBUS_SECRET_KEY_FILE", str((home / "secret.key").resolve()))
+    argv = [str(Path(sys.executable).parent / "voicebus-config"), "create-org", "--name", args.name]
+    if args.concurrent_calls is not None:
+        argv += ["--concurrent-calls", str(args.concurrent_calls)]
+    if args.json:
+        argv.append("--json")
+    return subprocess.call(argv, env=env)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -80,7 +105,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="agent-runner replicas, 1-5 (default 1)")
     up.add_argument("--capacity", type=int, default=4, help="calls per runner (default 4)")
     up.set_defaults(func=_up)
-    demo = sub.add_parser("demo", help="start the embedded stack and place one simulated Cloudonix call")
+    org = sub.add_parser("create-org", help="create an organization and its first API key in the stack's database")
+    org.add_argument("--name", required=True, help="the organization's name")
+    org.add_argument("--concurrent-calls", type=int, default=None, help="its concurrent-call limit")
+    org.add_argument("--home", default=".voicebus", help="the stack's home (default .voicebus)")
+    org.add_argument("--json", action="store_true", help="print the result as JSON")
+    org.set_defaults(func=_create_org)
+    demo = sub.add_parser("demo", help="start the embedded stack and place a simulated call on every carrier path "
+                                       "(Cloudonix Agent Stream, Twilio inbound, Twilio outbound) at once")
     demo.add_argument("--home", default=".voicebus/demo", help="where the demo keeps its data and recording")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(func=_demo)

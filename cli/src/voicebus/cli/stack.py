@@ -98,10 +98,9 @@ class StackConfig:
     runner_ports: tuple[int, ...] = (8082,)
     call_control_port: int = 8083
     runner_capacity: int = 4
-    # Carrier REST base URLs by provider, merged over VOICEBUS_CARRIER_API_URLS from the environment;
-    # cloudonix_api_url is a shorthand for {"cloudonix": url} (the stand-in in the demo and tests).
+    # Carrier REST base URLs by provider (the simulator's stand-ins in the demo and tests), merged over
+    # VOICEBUS_CARRIER_API_URLS from the environment.
     carrier_api_urls: dict[str, str] = field(default_factory=dict)
-    cloudonix_api_url: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     log_level: str = "INFO"
 
@@ -161,14 +160,14 @@ class Stack:
             self.say(f"started embedded NATS (JetStream) at {self.nats_url}, pid {self._nats.proc.pid}")
         if self.cfg.redis_url:
             self.redis_url = self.cfg.redis_url
-            self.say(f"using Redis at {_safe(self.redis_url)}")
+            self.say(f"using Redis at {safe_url(self.redis_url)}")
         else:
             self._valkey = EmbeddedValkey(log_file=home / "valkey.log").start()
             self.redis_url = self._valkey.url
             self.say(f"started embedded Valkey at {self.redis_url}, pid {self._valkey.proc.pid}")
         if self.cfg.database_url:
             self.database_url = self.cfg.database_url
-            self.say(f"using database {_safe(self.database_url)}")
+            self.say(f"using database {safe_url(self.database_url)}")
         else:
             self.database_url = f"sqlite+aiosqlite:///{(home / 'voicebus.db').resolve()}"
             self.say(f"using SQLite at {home / 'voicebus.db'}")
@@ -186,8 +185,6 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
         })
         urls = dict(self.cfg.carrier_api_urls)
-        if self.cfg.cloudonix_api_url:
-            urls.setdefault("cloudonix", self.cfg.cloudonix_api_url)
         if urls:
             env["VOICEBUS_CARRIER_API_URLS"] = json.dumps(
                 {**parse_api_urls(env.get("VOICEBUS_CARRIER_API_URLS")), **parse_api_urls(urls)})
@@ -267,7 +264,7 @@ class Stack:
             self.stop()
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """Drop the password from a URL before printing it."""
     from voicebus.observability.logs import redact
 
