@@ -30,7 +30,7 @@ async def _close_of(url: str) -> tuple[int | None, str]:
     [
         ({"provider": None}, 1008, "Missing provider query parameter"),
         ({"provider": "nosuchcarrier"}, 1008, "Unknown provider: nosuchcarrier"),
-        ({"provider": "twilio"}, 1011, "Agent Stream is not supported for provider twilio"),
+        ({"provider": "plivo"}, 1011, "Agent Stream is not supported for provider plivo"),
     ],
     ids=["missing-provider", "unknown-provider", "provider-without-agent-stream"],
 )

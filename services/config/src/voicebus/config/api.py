@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from voicebus.bus.messages import RunRecord
+from voicebus.bus.messages import BindNumberResult, CallInfoResult, RunRecord
 from voicebus.config.errors import CallNotPlaced, ConfigError, Invalid, Unauthorized
 from voicebus.config.schemas import (
     AgentCreate,
@@ -24,6 +24,7 @@ from voicebus.config.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
     ApiKeyOut,
+    BindNumber,
     InitiateCall,
     InitiateCallOut,
     OrganizationOut,
@@ -209,6 +210,14 @@ def create_app(svc: ConfigService) -> FastAPI:
                                                config_id=body.telephony_configuration_id, number=body.number,
                                                agent_uuid=body.agent_uuid, is_active=body.is_active)
 
+    @api.post("/phone-numbers/{number_id}/bind", response_model=BindNumberResult, tags=["phone numbers"],
+              responses={400: {"description": "the carrier cannot bind numbers, or does not own this one"},
+                         502: {"description": "the carrier rejected the configuration's credentials"},
+                         503: {"description": "call-control or the carrier unavailable; retryable"}})
+    async def bind_phone_number(number_id: int, p: Auth, body: BindNumber | None = None) -> BindNumberResult:
+        """Point the number's voice webhook on the carrier account at voicebus's inbound URL (or ``voice_url``)."""
+        return await svc.carrier.bind(p.organization_id, number_id, body.voice_url if body else None)
+
     @api.delete("/phone-numbers/{number_id}", status_code=204, tags=["phone numbers"])
     async def delete_phone_number(number_id: int, p: Auth) -> Response:
         await store.delete_phone_number(p.organization_id, number_id)
@@ -232,6 +241,13 @@ def create_app(svc: ConfigService) -> FastAPI:
     @api.get("/runs/{run_id}", response_model=RunRecord, tags=["runs"])
     async def get_run(run_id: int, p: Auth) -> RunRecord:
         return await store.get_run(run_id, p.organization_id)
+
+    @api.get("/runs/{run_id}/carrier-call", response_model=CallInfoResult, tags=["runs"],
+             responses={404: {"description": "no such run, or its call has no carrier leg"},
+                        503: {"description": "call-control or the carrier unavailable; retryable"}})
+    async def carrier_call(run_id: int, p: Auth) -> CallInfoResult:
+        """The carrier's view of the run's call: status, duration and price (as the carrier reports them)."""
+        return await svc.carrier.call_info(p.organization_id, run_id)
 
     @api.get("/quota", response_model=QuotaOut, tags=["quota"])
     async def get_quota(p: Auth) -> QuotaOut:

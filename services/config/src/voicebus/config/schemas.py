@@ -149,3 +149,8 @@ class InitiateCallOut(BaseModel):
     to: str
     state: str = Field(description="The run's state: 'created' until the callee answers.")
     carrier_status: str | None = None
+
+
+class BindNumber(_In):
+    voice_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://",
+                                  description="Default: voicebus's inbound URL, {public}/api/v1/telephony/inbound/run.")

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from voicebus.bus.events import ensure_events_stream
 from voicebus.bus.subjects import Subjects
 from voicebus.config.api import create_app
+from voicebus.config.carrier_queries import CarrierQueries
 from voicebus.config.consumer import EventConsumer
 from voicebus.config.crypto import SecretBox, load_keys
 from voicebus.config.db import create_engine, sessionmaker
@@ -58,6 +59,7 @@ class ConfigService:
     js: JetStreamContext
     nats_api: NatsApi
     outbound: Outbound
+    carrier: CarrierQueries
     consumer: EventConsumer | None
     reaper: Reaper | None
     health: Health
@@ -113,6 +115,7 @@ class ConfigService:
         self._stack.push_async_callback(self.nats_api.stop)
 
         self.outbound = Outbound(self.nc, self.subjects, self.store, self.quota, RingingLeases(self.store, self.quota))
+        self.carrier = CarrierQueries(self.nc, self.subjects, self.store, self.settings.public_url)
         self._stack.push_async_callback(self.outbound.stop)
 
         self.consumer = None

@@ -14,6 +14,10 @@ def _env(*names: str) -> AliasChoices:
 
 
 class ConfigSettings(ServiceSettings):
+    public_url: str = Field(
+        default="http://127.0.0.1:8080", validation_alias=_env("VOICEBUS_PUBLIC_URL", "public_url"),
+        description="Ingress's public base URL: numbers bound through the API point their webhook there.",
+    )
     database_url: str = Field(
         default=DEFAULT_DATABASE_URL, validation_alias=_env("DATABASE_URL", "database_url"),
         description="SQLAlchemy URL; postgresql:// and postgres:// are accepted and run on asyncpg.",

@@ -13,7 +13,8 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
-from tests.e2e.conftest import E2E, TWILIO_FROM, TWILIO_NUMBER, TWILIO_SID, eventually
+from tests.e2e.conftest import E2E, TWILIO_FROM, TWILIO_NUMBER, TWILIO_SID, _agent, eventually
+from voicebus.cli.demo import create_org
 from voicebus.simulator.phone import CallerAction, PhoneScript
 from voicebus.simulator.twilio.dial import InboundCall, dial_inbound
 from voicebus.simulator.twilio.rest import Callee
@@ -179,6 +180,14 @@ async def test_outbound_call_is_answered_and_runs_the_agent(e2e: E2E) -> None:
     log = await _status_log(e2e, run["id"], "completed")
     seen = [e["status"] for e in log]
     assert seen[:3] == ["initiated", "ringing", "answered"], seen
+    resp = await e2e.org.admin.get(f"/api/v1/runs/{run['id']}")
+    assert resp.json()["gathered_context"]["call_duration_s"] == sim["duration"], resp.json()
+    # Status and cost, asked of the carrier through call-control.
+    resp = await e2e.org.admin.get(f"/api/v1/runs/{run['id']}/carrier-call")
+    assert resp.status_code == 200, resp.text
+    info = resp.json()
+    assert (info["status"], info["duration_s"]) == ("completed", sim["duration"]), info
+    assert info["price"] == abs(float(sim["price"])) and info["price_unit"] == "USD", (info, sim["price"])
     assert all(c["http_status"] == 204 for c in sim["status_callbacks"]), sim["status_callbacks"]
     await e2e.wait_quota_free()
 
@@ -200,6 +209,43 @@ async def test_outbound_call_to_a_number_the_carrier_refuses(e2e: E2E) -> None:
     assert resp.status_code == 400, resp.text
     assert resp.json()["code"] == "invalid_request", resp.text
     await e2e.wait_quota_free()
+
+
+@pytest.mark.parametrize(("credentials", "status", "code"), [
+    ({"auth_token": "not-the-auth-token"}, 502, "carrier_auth_failed"),
+    ({"from_numbers": ["+15005550077"]}, 400, "carrier_invalid_number"),  # a From the account does not own
+])
+async def test_outbound_carrier_refusal_is_a_specific_error_and_a_failed_run(e2e: E2E, credentials: dict[str, Any],
+                                                                             status: int, code: str) -> None:
+    org = create_org(e2e.stack, f"refused {code}")
+    async with httpx.AsyncClient(base_url=e2e.stack.config_url, trust_env=False, timeout=20,
+                                 headers={"Authorization": f"Bearer {org['api_key']}"}) as admin:
+        agent = await _agent(admin)
+        creds = {"account_sid": TWILIO_SID, "auth_token": e2e.twilio_token, "from_numbers": [TWILIO_FROM],
+                 **credentials}
+        resp = await admin.post("/api/v1/telephony-configurations",
+                                json={"provider": "twilio", "name": "refused", "credentials": creds})
+        assert resp.status_code == 201, resp.text
+        resp = await admin.post("/api/v1/telephony/initiate-call", json={"agent_uuid": agent, "to": "+15005550500"})
+        assert resp.status_code == status, resp.text
+        body = resp.json()
+        assert body["code"] == code, body
+        assert e2e.twilio_token not in resp.text and "not-the-auth-token" not in resp.text
+        run = (await admin.get(f"/api/v1/runs/{body['run_id']}")).json()
+        assert run["state"] == "failed" and run["end_reason"].startswith(code), run
+        assert (await admin.get("/api/v1/quota")).json()["in_use"] == 0
+
+
+async def test_binding_a_number_points_its_voice_url_at_voicebus(e2e: E2E) -> None:
+    numbers = (await e2e.org.admin.get("/api/v1/phone-numbers")).json()
+    (number,) = [n for n in numbers if n["number"] == TWILIO_NUMBER]
+    resp = await e2e.org.admin.post(f"/api/v1/phone-numbers/{number['id']}/bind")
+    assert resp.status_code == 200, resp.text
+    inbound_url = f"{e2e.stack.ingress_url}/api/v1/telephony/inbound/run"
+    assert resp.json()["voice_url"] == inbound_url
+    owned = e2e.twilio.state.number_by_e164(TWILIO_NUMBER)
+    assert owned is not None and (owned.voice_url, owned.voice_method) == (inbound_url, "POST")
+    assert resp.json()["number_sid"] == owned.sid
 
 
 # ---------------------------------------------------------------------------------------------- Agent Stream
