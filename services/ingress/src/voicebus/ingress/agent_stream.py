@@ -10,14 +10,12 @@ Phases (docs/agent-stream.md has the sequence and every close code):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import trace
 from starlette.websockets import WebSocket
 
-from voicebus.bus.messages import LegRegister, QuotaLease, ResolvedAgent, RunCreate, RunRecord, RunUpdate
+from voicebus.bus.messages import LegRegister, QuotaLease, ResolvedAgent, RunCreate, RunUpdate
 from voicebus.bus.rpc import BusError
 from voicebus.ingress.admission import agent_stream_provider, new_call_id, param, resolve_agent, run_name
 from voicebus.ingress.bus import CallServices
@@ -28,55 +26,28 @@ from voicebus.ingress.close_codes import (
     Refusal,
     from_stream_refusal,
 )
-from voicebus.ingress.live_call import CallSetup, LiveCall, publish_end
+from voicebus.ingress.live_call import CallSetup, publish_end
 from voicebus.ingress.live_call.lease import LeaseKeeper
-from voicebus.ingress.live_call.socket import CarrierSocket
+from voicebus.ingress.socket_entry import SocketEntry
 from voicebus.telephony.stream import CarrierDisconnected, StreamContext, StreamHandshake, StreamRefused, StreamStart
 
 if TYPE_CHECKING:
     from voicebus.ingress.service import IngressService
 
 log = logging.getLogger("voicebus.ingress.agent_stream")
-tracer = trace.get_tracer("voicebus.ingress")
 
 
-class AgentStreamCall:
+class AgentStreamCall(SocketEntry):
+    span_name = "agent_stream.call"
+
     def __init__(self, service: IngressService, ws: WebSocket, agent_path: str) -> None:
-        self.svc = service
-        self.bus = service.bus
-        self.settings = service.settings
-        self.socket = CarrierSocket(ws, self.settings.public_url)
+        super().__init__(service, ws)
         self.agent_path = agent_path  # a credential: never logged
         self.params = ws.query_params
-        self.call_id: str | None = None
-        self.run: RunRecord | None = None
         self.provider = ""
-        self.answered = asyncio.Event()
-        self.live: LiveCall | None = None
-        self._shutdown = False
-
-    def shutdown(self) -> None:
-        self._shutdown = True
-        if self.live is not None:
-            self.live.shutdown()
-
-    async def handle(self) -> None:
-        try:
-            await self.socket.ws.accept()
-        except Exception:
-            return  # the client left before we could accept; nothing was allocated
-        with tracer.start_as_current_span("agent_stream.call") as span:
-            try:
-                await self._admit_and_run()
-            except Exception:
-                log.exception("call %s: unexpected failure", self.call_id)
-                await self.socket.close(CLOSE_INTERNAL, INTERNAL_ERROR_REASON)
-            finally:
-                span.set_attribute("voicebus.call_id", self.call_id or "")
-                span.set_attribute("voicebus.run_id", self.run.id if self.run else 0)
 
     # ------------------------------------------------------------------ phase 1: admission
-    async def _admit_and_run(self) -> None:
+    async def serve(self) -> None:
         if self.svc.draining:
             await self.socket.close(CLOSE_RESTARTING, "Service restarting")
             return
@@ -104,12 +75,9 @@ class AgentStreamCall:
             setup = await self._handshake(handshake, agent, lease)
             if setup is None:
                 return
-            self.live = LiveCall(self.svc.nc, self.bus, self.svc.subjects, self.settings, self.socket, setup, keeper,
-                                 answered=self.answered)
-            if self._shutdown:
-                self.live.shutdown()
+            live = self.go_live(setup, keeper)
             handed_over = True
-            await self.live.run_call()  # settles the lease
+            await live.run_call()  # settles the lease
         finally:
             if not handed_over:
                 await keeper.release(leave_to_config=False)

@@ -9,11 +9,9 @@ the run nor the lease; once claimed, the socket owns the call and every exit end
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from opentelemetry import trace
 from starlette.websockets import WebSocket
 
 from voicebus.bus.messages import QuotaLease, RunUpdate
@@ -29,55 +27,28 @@ from voicebus.ingress.close_codes import (
     Refusal,
     from_stream_refusal,
 )
-from voicebus.ingress.live_call import CallSetup, LiveCall, publish_end
+from voicebus.ingress.live_call import CallSetup, publish_end
 from voicebus.ingress.live_call.lease import LeaseKeeper
-from voicebus.ingress.live_call.socket import CarrierSocket
 from voicebus.ingress.pending import PendingCall, describe
+from voicebus.ingress.socket_entry import SocketEntry
 from voicebus.telephony import get_spec
-from voicebus.telephony.stream import CarrierDisconnected, StreamContext, StreamRefused, StreamStart
+from voicebus.telephony.stream import StreamContext, StreamRefused, StreamStart
 
 if TYPE_CHECKING:
     from voicebus.ingress.service import IngressService
 
 log = logging.getLogger("voicebus.ingress.media_socket")
-tracer = trace.get_tracer("voicebus.ingress")
 
 
-class MediaSocketCall:
+class MediaSocketCall(SocketEntry):
+    span_name = "media_socket.call"
+
     def __init__(self, service: IngressService, ws: WebSocket, call_id: str) -> None:
-        self.svc = service
-        self.bus = service.bus
-        self.settings = service.settings
-        self.socket = CarrierSocket(ws, self.settings.public_url)
+        super().__init__(service, ws)
         self.call_id = call_id
-        self.answered = asyncio.Event()
-        self.live: LiveCall | None = None
-        self._shutdown = False
 
-    def shutdown(self) -> None:
-        self._shutdown = True
-        if self.live is not None:
-            self.live.shutdown()
-
-    async def handle(self) -> None:
-        try:
-            await self.socket.ws.accept()
-        except Exception:
-            return
-        with tracer.start_as_current_span("media_socket.call") as span:
-            span.set_attribute("voicebus.call_id", self.call_id)
-            try:
-                await self._run()
-            except Refusal as e:
-                log.info("media socket for call %s refused: %s %s", self.call_id, e.code, e.reason)
-                await self.socket.close(e.code, e.reason)
-            except CarrierDisconnected:
-                log.info("media socket for call %s: carrier left during the handshake", self.call_id)
-            except Exception:
-                log.exception("media socket for call %s: unexpected failure", self.call_id)
-                await self.socket.close(CLOSE_INTERNAL, INTERNAL_ERROR_REASON)
-
-    async def _run(self) -> None:
+    async def serve(self) -> None:
+        assert self.call_id is not None
         if self.svc.draining:
             raise Refusal(CLOSE_RESTARTING, "Service restarting")
         try:
@@ -126,7 +97,7 @@ class MediaSocketCall:
         keeper.start()
         handed_over = False
         try:
-            run = await self.bus.get_run(pending.run_id)
+            run = self.run = await self.bus.get_run(pending.run_id)
             if run is None:
                 raise Refusal(CLOSE_UNKNOWN_CALL, describe("unknown"))
             try:
@@ -141,14 +112,11 @@ class MediaSocketCall:
             setup = CallSetup(call_id=self.call_id, run=run, agent=agent, provider=pending.provider, start=start,
                               caller_number=pending.caller_number or start.caller_number,
                               called_number=pending.called_number or start.called_number)
-            self.live = LiveCall(self.svc.nc, self.bus, self.svc.subjects, self.settings, self.socket, setup, keeper,
-                                 answered=self.answered)
-            if self._shutdown:
-                self.live.shutdown()
+            live = self.go_live(setup, keeper)
             handed_over = True
             log.info("call %s run %s: media socket open (%s %s)", self.call_id, run.id, pending.provider,
                      pending.direction)
-            await self.live.run_call()
+            await live.run_call()
         finally:
             if not handed_over:
                 await keeper.release(leave_to_config=False)
