@@ -34,6 +34,8 @@ from voicebus.bus.messages import (
     HangupRequest,
     HangupResult,
     Heartbeat,
+    InboundRoute,
+    InboundRouteRequest,
     LegRegister,
     LegRegistered,
     Msg,
@@ -44,25 +46,31 @@ from voicebus.bus.messages import (
     QuotaReleased,
     ResolvedAgent,
     RunCreate,
+    RunGetRequest,
     RunRecord,
     RunUpdate,
     TelephonyMatch,
     TelephonyMatchRequest,
+    VerifyRequest,
+    VerifyResult,
     event_in_adapter,
 )
 from voicebus.bus.rpc import BusError, serve
 from voicebus.bus.subjects import (
     CALL_CONTROL_QUEUE,
     CFG_AGENT_RESOLVE,
+    CFG_INBOUND_ROUTE,
     CFG_QUOTA_ACQUIRE,
     CFG_QUOTA_RELEASE,
     CFG_QUOTA_RENEW,
     CFG_RUN_CREATE,
+    CFG_RUN_GET,
     CFG_RUN_UPDATE,
     CFG_TELEPHONY_MATCH,
     CONFIG_QUEUE,
     CTL_HANGUP,
     CTL_LEG_REGISTER,
+    CTL_VERIFY,
     RUNNER_QUEUE,
     Subjects,
 )
@@ -115,6 +123,8 @@ class FakeConfig:
         self.creates: list[RunCreate] = []
         self.updates: list[RunUpdate] = []
         self.runs: dict[int, RunRecord] = {}
+        self.routes: dict[tuple[str, str, str], InboundRoute] = {}  # (provider, account, number)
+        self.route_requests: list[InboundRouteRequest] = []
         self.fail: dict[str, Exception] = {}  # action -> exception to raise (BusError or anything)
         self._ids = itertools.count(1001)
         self._subs: list[Subscription] = []
@@ -128,6 +138,8 @@ class FakeConfig:
             CFG_QUOTA_RELEASE: (QuotaLeaseRef, self.release),
             CFG_RUN_CREATE: (RunCreate, self.create_run),
             CFG_RUN_UPDATE: (RunUpdate, self.update_run),
+            CFG_RUN_GET: (RunGetRequest, self.get_run),
+            CFG_INBOUND_ROUTE: (InboundRouteRequest, self.inbound_route),
         }
         for action, (model, fn) in handlers.items():
             self._subs.append(await serve(self.nc, self.subjects.cfg(action), model, self._wrap(action, fn),
@@ -157,6 +169,20 @@ class FakeConfig:
             raise BusError("not_found", "no configuration")
         return found
 
+    async def inbound_route(self, req: InboundRouteRequest) -> InboundRoute:
+        self.route_requests.append(req)
+        if not any(p == req.provider and a == req.account_id for p, a, _ in self.routes):
+            raise BusError("unknown_account", "no configuration has this account")
+        route = self.routes.get((req.provider, req.account_id, req.called_number))
+        if route is None:
+            raise BusError("unknown_number", "number not configured")
+        return route
+
+    async def get_run(self, req: RunGetRequest) -> RunRecord:
+        if req.run_id not in self.runs:
+            raise BusError("not_found", "no such run")
+        return self.runs[req.run_id]
+
     async def acquire(self, req: QuotaAcquireRequest) -> QuotaLease:
         self.acquired.append(req)
         if len(self.leases) >= self.limit:
@@ -185,7 +211,8 @@ class FakeConfig:
                         state="created", end_reason=None, telephony_configuration_id=None,
                         agent_version=req.agent_version, definition_source=req.definition_source,
                         initial_context=req.initial_context, gathered_context=req.gathered_context, logs=req.logs,
-                        created_at=now, started_at=None, ended_at=None, updated_at=now)
+                        created_at=now, started_at=None, ended_at=None, updated_at=now,
+                        quota_lease_id=req.quota_lease_id)
         self.runs[run.id] = run
         return run
 
@@ -226,12 +253,17 @@ class FakeCallControl:
         self.validations: list[LegRegister] = []
         self.hangups: list[HangupRequest] = []
         self.hangup_error: BusError | None = None
+        self.verifies: list[VerifyRequest] = []
+        self.verdicts: list[VerifyResult] = []  # answered in order; then valid
+        self.verify_error: BusError | None = None
         self._subs: list[Subscription] = []
 
     async def start(self) -> FakeCallControl:
         self._subs.append(await serve(self.nc, self.subjects.ctl(CTL_LEG_REGISTER), LegRegister,
                                       self.validate, queue=CALL_CONTROL_QUEUE))
         self._subs.append(await serve(self.nc, self.subjects.ctl(CTL_HANGUP), HangupRequest, self.hangup,
+                                      queue=CALL_CONTROL_QUEUE))
+        self._subs.append(await serve(self.nc, self.subjects.ctl(CTL_VERIFY), VerifyRequest, self.verify,
                                       queue=CALL_CONTROL_QUEUE))
         return self
 
@@ -241,6 +273,13 @@ class FakeCallControl:
         await self.changes.notify()
         ok = req.carrier_call_id in self.valid_sessions
         return LegRegistered(confirmed=ok, status=200 if ok else 404)
+
+    async def verify(self, req: VerifyRequest) -> VerifyResult:
+        self.verifies.append(req)
+        await self.changes.notify()
+        if self.verify_error is not None:
+            raise self.verify_error
+        return self.verdicts.pop(0) if self.verdicts else VerifyResult(valid=True)
 
     async def hangup(self, req: HangupRequest) -> HangupResult:
         self.hangups.append(req)
@@ -444,4 +483,6 @@ async def harness(nats_url: str, subject_prefix: str) -> AsyncIterator[Harness]:
         await evt_sub.unsubscribe()
         with contextlib.suppress(Exception):
             await nc.jetstream().delete_stream(subjects.events_stream)
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_key_value(f"{subjects.prefix.replace('-', '_')}_ingress_pending")
         await nc.close()

@@ -155,7 +155,9 @@ class Webhooks:
         except WebhookError as e:
             return e.response()
 
-    async def _verify(self, telephony_config_id: int, req: WebhookRequest, what: str) -> None:
+    async def _verify(self, telephony_config_id: int, req: WebhookRequest, what: str,
+                      allow_replay: bool = False) -> None:
+        """Signature checked by call-control; a replayed delivery is refused unless ``allow_replay``."""
         try:
             verdict = await self.bus.verify(telephony_config_id, req)
         except BusError as e:
@@ -164,7 +166,7 @@ class Webhooks:
         if not verdict.valid:
             log.warning("%s refused: %s", what, verdict.reason)
             raise WebhookError(403, f"Signature validation failed: {verdict.reason}")
-        if verdict.replayed:
+        if verdict.replayed and not allow_replay:
             log.warning("%s refused: replayed delivery", what)
             raise WebhookError(409, "Replayed request: this delivery was already handled")
 
@@ -257,7 +259,9 @@ class Webhooks:
             raise WebhookError(404, f"Run {run_id} is not an outbound call of this provider")
         if run.telephony_configuration_id is None:
             raise WebhookError(409, f"Run {run_id} has no telephony configuration")
-        await self._verify(run.telephony_configuration_id, req, f"outbound {spec.name} answer")
+        # A carrier retries an answer whose reply it lost: answering again is safe while the run still waits
+        # for its socket (the new token replaces the old one), so a replay is not refused here.
+        await self._verify(run.telephony_configuration_id, req, f"outbound {spec.name} answer", allow_replay=True)
         if run.state != "created" or not run.quota_lease_id or not run.call_id:
             log.warning("run %s answered in state %s; refusing", run.id, run.state)
             return _markup(spec, ENDED_SAY)
