@@ -23,6 +23,7 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError
 
 from voicebus.agent_runner.call import SOURCE, CallSession, RunnerContext
+from voicebus.agent_runner.metrics import RunnerMetrics
 from voicebus.agent_runner.models import SharedModels
 from voicebus.agent_runner.settings import RunnerSettings
 from voicebus.bus.events import checkpoint_store, ensure_events_stream, publish_event
@@ -68,6 +69,7 @@ class Runner:
         self.health.add("started", lambda: self.started)
         self.health.add("nats", lambda: self._nc is not None and self._nc.is_connected)
         self.health.add("accepting", lambda: not self.draining)
+        self.metrics = RunnerMetrics(self)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -116,6 +118,7 @@ class Runner:
     def app(self) -> FastAPI:
         app = FastAPI(title="voicebus agent-runner", docs_url=None, redoc_url=None)
         app.include_router(health_router(self.health))
+        app.include_router(self.metrics.router())
         return app
 
     @property
@@ -186,6 +189,7 @@ class Runner:
         await self._publish_answered(offer)
         task = self._spawn(session.run())
         task.add_done_callback(lambda _t: self._forget(session))
+        self.metrics.call_accepted(offer.call_id, resume=offer.resume)
         log.info("call %s accepted (run %s, %s%s, %d/%d busy)", offer.call_id, offer.run_id,
                  offer.agent.definition.mode, ", resume" if offer.resume else "", len(self._busy),
                  self.settings.capacity)
@@ -226,6 +230,7 @@ class Runner:
 
     def _forget(self, session: CallSession) -> None:
         self._busy.discard(session.call_id)
+        self.metrics.call_ended(session)
         if self.sessions.get(session.call_id) is session:
             del self.sessions[session.call_id]
         self.health.info["active_calls"] = len(self.sessions)
