@@ -307,6 +307,8 @@ async def jetstream_cleanup(nc: NATS, subject_prefix: str) -> AsyncIterator[None
         await js.delete_stream(subjects.events_stream)
     with contextlib.suppress(Exception):
         await js.delete_key_value(subjects.checkpoint_bucket)
+    with contextlib.suppress(Exception):
+        await js.delete_key_value(subjects.claims_bucket)
 
 
 @pytest.fixture

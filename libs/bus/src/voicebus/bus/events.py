@@ -56,6 +56,11 @@ async def checkpoint_store(js: JetStreamContext, subjects: Subjects) -> KeyValue
     return await _kv(js, subjects.checkpoint_bucket, CHECKPOINT_TTL_S)
 
 
+async def claims_store(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    """Which runner holds each call (see ``voicebus.agent_runner.claims``); as long-lived as checkpoints."""
+    return await _kv(js, subjects.claims_bucket, CHECKPOINT_TTL_S)
+
+
 async def _kv(js: JetStreamContext, bucket: str, ttl_s: float) -> KeyValue:
     try:
         return await js.key_value(bucket)

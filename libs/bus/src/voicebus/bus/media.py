@@ -8,6 +8,14 @@ from __future__ import annotations
 
 SEQ_HEADER = "vb-seq"
 TS_HEADER = "vb-ts"  # milliseconds since the first frame of this direction of this call
+# On media.out and event.out: the runner that sent it. After a call is resumed on another runner, ingress
+# forwards only the current runner's output, so a runner that was cut off but is still alive cannot
+# talk over its successor.
+RUNNER_HEADER = "vb-runner"
+
+
+def sender_headers(runner_id: str, headers: dict[str, str] | None = None) -> dict[str, str]:
+    return {**(headers or {}), RUNNER_HEADER: runner_id}
 
 
 def media_headers(seq: int, ts_ms: int) -> dict[str, str]:

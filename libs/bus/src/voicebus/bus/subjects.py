@@ -82,9 +82,25 @@ class Subjects:
     def events_stream(self) -> str:
         return f"{self.prefix.upper().replace('-', '_')}_EVENTS"
 
+    # -- durable carrier intents (JetStream work queue; see voicebus.bus.intents) --
+    def intent(self, name: str) -> str:
+        return f"{self.prefix}.intent.{check_token(name, 'intent')}"
+
+    @property
+    def intent_all(self) -> str:
+        return f"{self.prefix}.intent.>"
+
+    @property
+    def intents_stream(self) -> str:
+        return f"{self.prefix.upper().replace('-', '_')}_INTENTS"
+
     @property
     def checkpoint_bucket(self) -> str:
         return f"{self.prefix.replace('-', '_')}_checkpoints"
+
+    @property
+    def claims_bucket(self) -> str:
+        return f"{self.prefix.replace('-', '_')}_call_claims"
 
 
 # Config request-reply actions (suffixes of ``{prefix}.cfg.``).
@@ -107,6 +123,9 @@ CTL_TRANSFER = "transfer"
 CTL_INITIATE = "initiate"
 CTL_CALL_INFO = "call_info"
 CTL_BIND_NUMBER = "bind_number"
+
+# Carrier intent names (suffixes of ``{prefix}.intent.``), carried out by call-control.
+INTENT_HANGUP = "hangup"
 
 # Lifecycle event names (suffixes of ``{prefix}.evt.``).
 EVT_CALL_STARTED = "call.started"

@@ -48,6 +48,7 @@ from voicebus.agent_runner.settings import RunnerSettings
 from voicebus.agent_runner.transport import NatsCallTransport
 from voicebus.bus.agent import AgentDefinition, FlowNode, ScriptedFlow
 from voicebus.bus.events import publish_call_ended
+from voicebus.bus.media import sender_headers
 from voicebus.bus.messages import (
     HEARTBEAT_INTERVAL_S,
     CallCheckpoint,
@@ -73,6 +74,9 @@ SOURCE = "agent-runner"
 COMPLETED_REASONS = frozenset({"agent_hangup", "max_duration", "caller_hangup"})
 # The caller already hung up: ingress publishes the terminal event, the runner asks for no hangup.
 CALLER_GONE = "caller_hangup"
+# The call was resumed on another runner (this one was presumed dead): stop without a word to ingress or
+# call-control, and leave the checkpoint, which is the successor's now.
+SUPERSEDED = "superseded"
 
 HANGUP_TIMEOUT_S = 10.0
 # After an end was requested, how long the goodbye may take to play before the pipeline is cancelled.
@@ -167,7 +171,7 @@ class CallSession:
         """Subscribe to the call's inbound subjects and start heartbeats (before the offer is answered)."""
         s = self.ctx.subjects
         self._transport = NatsCallTransport(nc=self.ctx.nc, subjects=s, call_id=self.call_id,
-                                            sample_rate=self.offer.media.sample_rate)
+                                            sample_rate=self.offer.media.sample_rate, sender=self.ctx.runner_id)
         self._subs.append(await self.ctx.nc.subscribe(s.media_in(self.call_id), cb=self._on_media))
         self._subs.append(await self.ctx.nc.subscribe(s.event_in(self.call_id), cb=self._on_event))
         self._last_media = time.monotonic()
@@ -358,11 +362,11 @@ class CallSession:
         state = self.end_state or "failed"
         for task in self._tasks:
             task.cancel()
-        if reason != CALLER_GONE:
+        if reason not in (CALLER_GONE, SUPERSEDED):
             # Ingress closes the carrier socket on this; then call-control hangs up the carrier leg.
             await self._publish_event_out(CloseEvent(reason=reason, state=state).encode())
             await self._request_hangup(reason, state)
-        await self._drop_checkpoint()
+        await self._drop_checkpoint(keep=reason == SUPERSEDED)
         await self._detach()
         out = self._transport.output() if self._transport else None
         log.info("call %s ended: %s/%s after %.1fs (media in %d frames, out %d frames, %d clears)",
@@ -371,7 +375,8 @@ class CallSession:
 
     async def _publish_event_out(self, data: bytes) -> None:
         try:
-            await self.ctx.nc.publish(self.ctx.subjects.event_out(self.call_id), data)
+            await self.ctx.nc.publish(self.ctx.subjects.event_out(self.call_id), data,
+                                      headers=sender_headers(self.ctx.runner_id))
         except Exception as e:
             log.warning("call %s: could not publish on event.out: %s", self.call_id, e)
 
@@ -393,13 +398,14 @@ class CallSession:
         except Exception as e:
             log.error("call %s: could not publish CallEnded(%s, %s): %s", self.call_id, state, reason, e)
 
-    async def _drop_checkpoint(self) -> None:
+    async def _drop_checkpoint(self, keep: bool = False) -> None:
+        """Stop writing checkpoints and delete the call's; ``keep``: it belongs to a successor now."""
         self._ckpt_closed = True
         if self._ckpt_task is not None:
             self._ckpt_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._ckpt_task
-        if self._ckpt_latest is None and self.resume_from is None:
+        if keep or (self._ckpt_latest is None and self.resume_from is None):
             return  # nothing was ever written for this call
         try:
             await self.ctx.checkpoints.delete(self.call_id)

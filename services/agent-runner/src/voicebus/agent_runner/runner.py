@@ -22,11 +22,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError
 
-from voicebus.agent_runner.call import SOURCE, CallSession, RunnerContext
+from voicebus.agent_runner.call import SOURCE, SUPERSEDED, CallSession, RunnerContext
+from voicebus.agent_runner.claims import CallClaims
 from voicebus.agent_runner.metrics import RunnerMetrics
 from voicebus.agent_runner.models import SharedModels
 from voicebus.agent_runner.settings import RunnerSettings
-from voicebus.bus.events import checkpoint_store, ensure_events_stream, publish_event
+from voicebus.bus.events import checkpoint_store, claims_store, ensure_events_stream, publish_event
 from voicebus.bus.messages import CallAnswered, CallCheckpoint, CallOffer, OfferAccepted
 from voicebus.bus.rpc import BusError, serve
 from voicebus.bus.subjects import EVT_CALL_ANSWERED, RUNNER_QUEUE, Subjects, check_token
@@ -63,6 +64,7 @@ class Runner:
         self._nc = nc
         self._own_nc = nc is None
         self._ctx: RunnerContext | None = None
+        self._claims: CallClaims  # set by start(), before the first offer can arrive
         self._offer_sub: Subscription | None = None
         self._sync_lock = asyncio.Lock()
         self.started = False
@@ -80,6 +82,7 @@ class Runner:
         js = self._nc.jetstream()
         await ensure_events_stream(js, self.subjects)
         kv = await checkpoint_store(js, self.subjects)
+        self._claims = CallClaims(await claims_store(js, self.subjects))
         self._ctx = RunnerContext(nc=self._nc, js=js, subjects=self.subjects, runner_id=self.runner_id,
                                   models=self.models, settings=self.settings, checkpoints=kv)
         await self._sync_subscription()
@@ -173,6 +176,11 @@ class Runner:
         self._busy.add(offer.call_id)
         if self.free_slots <= 0:
             self._schedule_sync()
+        holder = await self._claims.take(offer.call_id, offer.attempt, self.runner_id)
+        if holder is not None:  # e.g. a retried offer whose first reply was lost went to another runner
+            self._busy.discard(offer.call_id)
+            self._schedule_sync()
+            raise BusError("claimed", f"call {offer.call_id} (attempt {offer.attempt}) is held by {holder}")
 
         checkpoint = await self._load_checkpoint(offer) if offer.resume else None
         session = CallSession(ctx, offer, checkpoint, on_pipeline_done=self._on_pipeline_done)
@@ -189,11 +197,16 @@ class Runner:
         await self._publish_answered(offer)
         task = self._spawn(session.run())
         task.add_done_callback(lambda _t: self._forget(session))
+        self._spawn(self._stop_if_taken_over(session))
         self.metrics.call_accepted(offer.call_id, resume=offer.resume)
         log.info("call %s accepted (run %s, %s%s, %d/%d busy)", offer.call_id, offer.run_id,
                  offer.agent.definition.mode, ", resume" if offer.resume else "", len(self._busy),
                  self.settings.capacity)
         return OfferAccepted(call_id=offer.call_id, runner_id=self.runner_id)
+
+    async def _stop_if_taken_over(self, session: CallSession) -> None:
+        if await self._claims.taken_over(session.call_id, self.runner_id, session.done):
+            await session.abort(SUPERSEDED)
 
     async def _publish_answered(self, offer: CallOffer) -> None:
         """Best effort: a JetStream hiccup should cost the run its "answered" mark, not the caller the call."""
@@ -233,6 +246,7 @@ class Runner:
         self.metrics.call_ended(session)
         if self.sessions.get(session.call_id) is session:
             del self.sessions[session.call_id]
+            self._spawn(self._claims.release(session.call_id, self.runner_id))
         self.health.info["active_calls"] = len(self.sessions)
         self._schedule_sync()
 

@@ -33,7 +33,7 @@ from pipecat.transports.base_output import BaseOutputTransport
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
 from voicebus.agent_runner.frames import PlaybackMarkerFrame, PlayedOutFrame
-from voicebus.bus.media import media_headers
+from voicebus.bus.media import media_headers, sender_headers
 from voicebus.bus.messages import ClearEvent
 from voicebus.bus.subjects import Subjects
 
@@ -132,9 +132,10 @@ class NatsInputTransport(BaseInputTransport):
 
 class NatsOutputTransport(BaseOutputTransport):
     def __init__(self, params: TransportParams, *, nc: NATS, subjects: Subjects, call_id: str,
-                 **kwargs: object) -> None:
+                 sender: str | None = None, **kwargs: object) -> None:
         super().__init__(params, **kwargs)
         self._vb_nc = nc
+        self._vb_sender = sender
         self._vb_media_subject = subjects.media_out(call_id)
         self._vb_event_subject = subjects.event_out(call_id)
         self._vb_frame_bytes = 0
@@ -204,6 +205,8 @@ class NatsOutputTransport(BaseOutputTransport):
             self._vb_next_send = time.monotonic() + self._vb_interval
 
     async def _vb_publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> bool:
+        if self._vb_sender is not None:
+            headers = sender_headers(self._vb_sender, headers)
         try:
             await self._vb_nc.publish(subject, data, headers=headers)
             return True
@@ -215,11 +218,12 @@ class NatsOutputTransport(BaseOutputTransport):
 class NatsCallTransport(BaseTransport):
     """The input/output pair for one call."""
 
-    def __init__(self, *, nc: NATS, subjects: Subjects, call_id: str, sample_rate: int) -> None:
+    def __init__(self, *, nc: NATS, subjects: Subjects, call_id: str, sample_rate: int,
+                 sender: str | None = None) -> None:
         super().__init__(input_name=f"in-{call_id[:8]}", output_name=f"out-{call_id[:8]}")
         params = transport_params(sample_rate)
         self._vb_input = NatsInputTransport(params, name=self._input_name)
-        self._vb_output = NatsOutputTransport(params, nc=nc, subjects=subjects, call_id=call_id,
+        self._vb_output = NatsOutputTransport(params, nc=nc, subjects=subjects, call_id=call_id, sender=sender,
                                               name=self._output_name)
 
     def input(self) -> NatsInputTransport:
