@@ -20,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl
 
@@ -37,11 +38,20 @@ from voicebus.bus.messages import (
     HangupResult,
     LegRegister,
     LegRegistered,
+    RunGetRequest,
+    RunRecord,
     TelephonyCredentials,
     TelephonyCredentialsRequest,
 )
 from voicebus.bus.rpc import BusError, request, serve
-from voicebus.bus.subjects import CFG_TELEPHONY_CREDENTIALS, CONFIG_QUEUE, CTL_HANGUP, CTL_LEG_REGISTER, Subjects
+from voicebus.bus.subjects import (
+    CFG_RUN_GET,
+    CFG_TELEPHONY_CREDENTIALS,
+    CONFIG_QUEUE,
+    CTL_HANGUP,
+    CTL_LEG_REGISTER,
+    Subjects,
+)
 from voicebus.call_control.carriers import Carriers
 from voicebus.call_control.legs import legs_bucket
 from voicebus.call_control.service import CallControlService, actions_bucket, replay_bucket
@@ -314,10 +324,23 @@ def bare_provider() -> Iterator[str]:
 # ------------------------------------------------------------------------ fixtures
 @dataclass
 class FakeConfig:
-    """Serves ``cfg.telephony.credentials`` from a dict the test can change, and counts requests."""
+    """Serves ``cfg.telephony.credentials`` (and ``cfg.run.get``) from dicts the test can change, and counts
+    requests."""
 
     configs: dict[int, TelephonyCredentials] = field(default_factory=dict)
+    runs: dict[int, str] = field(default_factory=dict)  # run id -> state
     requests: int = 0
+
+    async def run_get(self, req: RunGetRequest) -> RunRecord:
+        state = self.runs.get(req.run_id)
+        if state is None:
+            raise BusError("not_found", f"run {req.run_id} not found")
+        now = datetime.now(UTC)
+        return RunRecord(id=req.run_id, name=f"WR-{req.run_id}", organization_id=ORG, agent_uuid=str(uuid.uuid4()),
+                         call_id=None, call_type="inbound", mode="cloudonix", state=state,  # type: ignore[arg-type]
+                         end_reason=None, telephony_configuration_id=CONFIG_ID, agent_version=1,
+                         definition_source="published", initial_context={}, gathered_context={}, logs={},
+                         created_at=now, started_at=now, ended_at=None, updated_at=now)
 
     async def handle(self, req: TelephonyCredentialsRequest) -> TelephonyCredentials:
         self.requests += 1
@@ -394,6 +417,7 @@ async def stack(nats_url: str, subject_prefix: str) -> AsyncIterator[Stack]:
     config = FakeConfig()
     cfg_sub = await serve(nc, subjects.cfg(CFG_TELEPHONY_CREDENTIALS), TelephonyCredentialsRequest, config.handle,
                           queue=CONFIG_QUEUE)
+    run_sub = await serve(nc, subjects.cfg(CFG_RUN_GET), RunGetRequest, config.run_get, queue=CONFIG_QUEUE)
     services: list[CallControlService] = []
     async with (run_cloudonix_api({DOMAIN: TOKEN}) as cloudonix, fake_provider(FAKE_KEY) as fake,
                 httpx.AsyncClient(trust_env=False) as http):
@@ -417,9 +441,11 @@ async def stack(nats_url: str, subject_prefix: str) -> AsyncIterator[Stack]:
             for svc in services:
                 await svc.stop()
             await cfg_sub.unsubscribe()
+            await run_sub.unsubscribe()
             js = nc.jetstream()
-            with contextlib.suppress(Exception):
-                await js.delete_stream(subjects.events_stream)
+            for stream in (subjects.events_stream, subjects.intents_stream):
+                with contextlib.suppress(Exception):
+                    await js.delete_stream(stream)
             for bucket in (actions_bucket(subjects), legs_bucket(subjects), replay_bucket(subjects)):
                 with contextlib.suppress(Exception):
                     await js.delete_key_value(bucket)

@@ -13,6 +13,10 @@ retry after a bus timeout), possibly on different replicas at the same moment. T
 the work, then records the outcome; everyone else waits for that record and answers from it with
 ``replayed=True``. A claim whose holder died is taken over after ``claim_stale_s``. ``initiate`` uses
 the same claim under ``initiate.{call_id}``.
+
+Hangups also arrive as durable intents (:mod:`voicebus.call_control.intents`), so one asked for while
+call-control was down is carried out once it is back; and on start, :meth:`CallControlService.reconcile`
+hangs up every leg still live in the registry whose run has already ended (the gap an outage leaves).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,6 +44,7 @@ from pydantic import BaseModel, ConfigDict
 
 from voicebus.bus.events import ensure_events_stream, kv_bucket, publish_call_ended, publish_event
 from voicebus.bus.messages import (
+    TERMINAL_STATES,
     BindNumberRequest,
     BindNumberResult,
     CallEnded,
@@ -51,6 +57,8 @@ from voicebus.bus.messages import (
     InitiateResult,
     LegRegister,
     LegRegistered,
+    RunGetRequest,
+    RunRecord,
     TelephonyCredentials,
     TelephonyCredentialsRequest,
     VerifyRequest,
@@ -59,6 +67,7 @@ from voicebus.bus.messages import (
 from voicebus.bus.rpc import BusError, request, serve
 from voicebus.bus.subjects import (
     CALL_CONTROL_QUEUE,
+    CFG_RUN_GET,
     CFG_TELEPHONY_CREDENTIALS,
     CTL_BIND_NUMBER,
     CTL_CALL_INFO,
@@ -72,6 +81,7 @@ from voicebus.bus.subjects import (
     check_token,
 )
 from voicebus.call_control.carriers import Carriers, carrier_call, parse_credentials, spec_of
+from voicebus.call_control.intents import IntentWorker
 from voicebus.call_control.legs import LEGS_TTL_S, Leg, LegConflict, LegRegistry, legs_bucket
 from voicebus.call_control.settings import DEFAULT_PUBLIC_URL
 from voicebus.telephony.calls import DialRequest
@@ -84,6 +94,9 @@ log = logging.getLogger("voicebus.call_control")
 SOURCE = "call-control"
 ACTIONS_TTL_S = 24 * 3600
 REPLAY_TTL_S = 10 * 60  # a carrier retries a delivery within minutes; a key older than this is forgotten
+RECONCILE_TIMEOUT_S = 30.0
+RECONCILE_CONCURRENCY = 8
+RECONCILE_REASON = "reconciled: run already ended"
 
 
 class AnyRequest(BaseModel):
@@ -157,6 +170,23 @@ def choose_from_number(parsed: BaseModel, requested: str | None) -> str:
     raise BusError("invalid_request", "configuration has no from_numbers")
 
 
+@dataclass
+class ReconcileCounts:
+    legs: int = 0
+    live: int = 0
+    running: int = 0
+    ended_runs: int = 0
+    hung_up: int = 0
+    failed: int = 0
+    unknown: int = 0
+    timed_out: bool = False
+
+    def summary(self) -> str:
+        return (f"{self.legs} leg(s) in the registry, {self.live} live: {self.running} with a live run, "
+                f"{self.ended_runs} with an ended run ({self.hung_up} hung up, {self.failed} failed), "
+                f"{self.unknown} whose run could not be read")
+
+
 class CallControlService:
     """Importable so tests (and an all-in-one process) can run it in-process; ``start``/``stop``."""
 
@@ -173,6 +203,12 @@ class CallControlService:
         claim_stale_s: float = 60.0,
         claim_wait_s: float = 14.0,
         replay_ttl_s: float = REPLAY_TTL_S,
+        intents: bool = True,
+        intent_backoff_s: float = 0.5,
+        intent_max_backoff_s: float = 30.0,
+        intent_give_up_after_s: float = 3600.0,
+        reconcile_on_start: bool = True,
+        reconcile_timeout_s: float = RECONCILE_TIMEOUT_S,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
@@ -184,6 +220,12 @@ class CallControlService:
         self.claim_stale_s = claim_stale_s
         self.claim_wait_s = claim_wait_s
         self.replay_ttl_s = replay_ttl_s
+        self.reconcile_on_start = reconcile_on_start
+        self.reconcile_timeout_s = reconcile_timeout_s
+        self.intents = IntentWorker(self, concurrency=concurrency, backoff_s=intent_backoff_s,
+                                    max_backoff_s=intent_max_backoff_s,
+                                    give_up_after_s=intent_give_up_after_s) if intents else None
+        self.reconciled: asyncio.Task[ReconcileCounts] | None = None
         self._kv: KeyValue | None = None
         self._replay: KeyValue | None = None
         self._legs: LegRegistry | None = None
@@ -213,6 +255,10 @@ class CallControlService:
         for subject, model, handler in routes:
             self._subs.append(await serve(self.nc, subject, model, self._tracked(handler),
                                           queue=CALL_CONTROL_QUEUE, concurrency=self.concurrency))
+        if self.intents is not None:
+            await self.intents.start()
+        if self.reconcile_on_start:
+            self.reconciled = asyncio.create_task(self._reconcile_logged(), name="call-control-reconcile")
         self.started = True
         log.info("call-control %s serving %s", self.instance_id, s.ctl_all)
 
@@ -223,6 +269,12 @@ class CallControlService:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subs.clear()
+        if self.reconciled is not None and not self.reconciled.done():
+            self.reconciled.cancel()
+            with contextlib.suppress(BaseException):
+                await self.reconciled
+        if self.intents is not None:
+            await self.intents.stop(drain_timeout_s)
         try:
             await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
         except TimeoutError:
@@ -405,6 +457,93 @@ class CallControlService:
             await publish_call_ended(js, self.subjects,
                                      CallEnded(event_id=f"{req.call_id}.ctl.ended", state=req.end_state,
                                                reason=req.reason, **common))
+
+    async def end_run_after_failed_hangup(self, req: HangupRequest, error: BusError) -> None:
+        """A hangup intent that cannot be carried out still ends its run, as it was asked to.
+
+        The carrier leg may still be up; the error log line (with the call id) is what an operator
+        follows. The event ids are those of a successful hangup, so a later success is not recorded twice.
+        """
+        js = self.nc.jetstream()
+        common = {"call_id": req.call_id, "run_id": req.run_id, "organization_id": req.organization_id,
+                  "source": SOURCE}
+        await publish_event(js, self.subjects, EVT_CALL_HANGUP,
+                            CallHangup(event_id=f"{req.call_id}.ctl.hangup", outcome=f"failed: {error.code}",
+                                       **common))
+        if req.end_state is not None:
+            await publish_call_ended(js, self.subjects,
+                                     CallEnded(event_id=f"{req.call_id}.ctl.ended", state=req.end_state,
+                                               reason=req.reason, **common))
+
+    # ------------------------------------------------------------------ reconcile
+    async def _reconcile_logged(self) -> ReconcileCounts:
+        try:
+            return await self.reconcile()
+        except Exception:
+            log.exception("reconcile failed")
+            return ReconcileCounts()
+
+    async def reconcile(self, timeout_s: float | None = None) -> ReconcileCounts:
+        """Hang up every leg the registry holds as live whose run is terminal; bounded by ``timeout_s``.
+
+        Such legs are what an outage leaves behind: a hangup asked for while call-control was down
+        and lost (or given up by its caller), a run ended by config's reaper, a caller hangup that never
+        reached the registry. Legs of runs still live are left alone; a run config does not know (or
+        config being away) is counted and skipped: never hang up a call that may still be talking.
+        """
+        counts = ReconcileCounts()
+        started = time.monotonic()
+        budget = self.reconcile_timeout_s if timeout_s is None else timeout_s
+        try:
+            async with asyncio.timeout(budget):
+                try:
+                    keys = await self.legs.kv.keys()
+                except nats.js.errors.NoKeysError:
+                    keys = []
+                counts.legs = len(keys)
+                slots = asyncio.Semaphore(RECONCILE_CONCURRENCY)
+
+                async def one(call_id: str) -> None:
+                    async with slots:
+                        await self._reconcile_leg(call_id, counts)
+
+                await asyncio.gather(*(one(k) for k in keys))
+        except TimeoutError:
+            counts.timed_out = True
+        log.log(logging.WARNING if counts.timed_out or counts.failed else logging.INFO,
+                "reconcile%s in %.1fs: %s", " timed out" if counts.timed_out else "", time.monotonic() - started,
+                counts.summary())
+        return counts
+
+    async def _reconcile_leg(self, call_id: str, counts: ReconcileCounts) -> None:
+        leg = await self.legs.get(call_id)
+        if leg is None or leg.state != "live":
+            return
+        counts.live += 1
+        try:
+            run = await request(self.nc, self.subjects.cfg(CFG_RUN_GET), RunGetRequest(run_id=leg.run_id),
+                                RunRecord, timeout=self.config_timeout_s)
+        except BusError as e:
+            counts.unknown += 1
+            log.info("reconcile: call %s left alone: its run %s could not be read (%s)", call_id, leg.run_id, e)
+            return
+        if run.state not in TERMINAL_STATES:
+            counts.running += 1
+            return
+        counts.ended_runs += 1
+        req = HangupRequest(call_id=call_id, run_id=leg.run_id, organization_id=leg.organization_id,
+                            reason=RECONCILE_REASON, end_state=None)
+        try:
+            result = await self.hangup(req)
+            if result.replayed and (again := await self.legs.get(call_id)) is not None and again.state == "live":
+                # The recorded hangup found no leg (registered after it): this one is still up.
+                await self._hang_up_leg(req)
+        except BusError as e:
+            counts.failed += 1
+            log.warning("reconcile: could not hang up call %s (run %s %s): %s", call_id, run.id, run.state, e)
+            return
+        counts.hung_up += 1
+        log.info("reconcile: hung up call %s, whose run %s had ended %s", call_id, run.id, run.state)
 
     # ------------------------------------------------------------------ initiate
     async def initiate(self, req: InitiateRequest) -> InitiateResult:
