@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from voicebus.bus.agent import demo_definition
-from voicebus.bus.media import read_media_headers
+from voicebus.bus.media import RUNNER_HEADER, read_media_headers
 from voicebus.bus.messages import (
     HEARTBEAT_INTERVAL_S,
     AgentResolveRequest,
@@ -359,8 +359,18 @@ class FakeRunner:
         assert task is not None
         task.cancel()
 
-    async def say(self, call_id: str, pcm: bytes) -> None:
-        await self.nc.publish(self.subjects.media_out(call_id), pcm)
+    async def crash(self, call_id: str) -> None:
+        """As a SIGKILL would: no more heartbeats, no more offers taken (the call's subjects stay, a
+        runner that is only cut off may still publish)."""
+        self.die(call_id)
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def say(self, call_id: str, pcm: bytes, *, signed: bool = False) -> None:
+        """``signed``: name this runner in the frame's headers, as the real runner does."""
+        headers = {RUNNER_HEADER: self.runner_id} if signed else None
+        await self.nc.publish(self.subjects.media_out(call_id), pcm, headers=headers)
 
     async def send(self, call_id: str, event: Msg) -> None:
         await self.nc.publish(self.subjects.event_out(call_id), event.encode())

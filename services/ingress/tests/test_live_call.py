@@ -10,6 +10,7 @@ import re
 import struct
 
 import httpx
+import pytest
 
 from voicebus.audio import pcm16_to_ulaw, ulaw_to_pcm16
 from voicebus.bus.messages import (
@@ -32,7 +33,7 @@ from voicebus.telephony.dialects.twilio_media_carrier import (
     parse_server_frame,
 )
 
-from .conftest import AGENT_UUID, CONFIG_ID, ORG_ID, SESSION, WAIT_S, Harness, closed, start_message
+from .conftest import AGENT_UUID, CONFIG_ID, ORG_ID, SESSION, WAIT_S, FakeRunner, Harness, closed, start_message
 
 STREAM = "MZ-stream-1"
 
@@ -245,7 +246,7 @@ async def test_agent_close_closes_the_socket_and_leaves_the_terminal_event_to_ot
 
 
 async def test_runner_lost_asks_call_control_to_hang_up(harness: Harness):
-    await harness.start_ingress()
+    await harness.start_ingress(resume_attempts=1)  # no resume: the call ends
     ws, call = await answered(harness)
     loop = asyncio.get_running_loop()
     harness.runner.die(call.offer.call_id)
@@ -265,13 +266,59 @@ async def test_runner_lost_asks_call_control_to_hang_up(harness: Harness):
 
 async def test_runner_lost_without_call_control_ends_the_run_itself(harness: Harness):
     harness.callcontrol.hangup_error = BusError("carrier_error", "Cloudonix answered 500")
-    await harness.start_ingress(heartbeat_timeout_s=0.6)
+    await harness.start_ingress(heartbeat_timeout_s=0.6, resume_attempts=1)
     ws, call = await answered(harness)
     harness.runner.die(call.offer.call_id)
     assert (await closed(ws))[:2] == (1011, "Agent runner lost")
     name, body = (await harness.changes.wait(lambda: harness.events.terminal()))[0]
     assert (name, body["state"], body["reason"]) == ("call.failed", "failed", "runner_lost")
     await harness.changes.wait(harness.config.all_leases_released)
+
+
+async def test_lost_runner_is_replaced_and_the_call_goes_on(harness: Harness):
+    await harness.start_ingress(heartbeat_timeout_s=0.6)
+    ws, call = await answered(harness)
+    first = harness.runner
+    await first.crash(call.offer.call_id)
+    loop = asyncio.get_running_loop()
+    died = loop.time()
+    second = await FakeRunner(harness.nc, harness.subjects, harness.changes, runner_id="runner-2").start()
+    try:
+        await harness.changes.wait(lambda: second.calls)
+        offer = second.only_call.offer
+        assert (offer.call_id, offer.resume, offer.attempt) == (call.offer.call_id, True, 2)
+        assert loop.time() - died < 2.0  # 0.6 s of silence to notice, then one offer round trip
+        # Ingress took the new runner's acceptance once the attempt is on the run.
+        await harness.changes.wait(lambda: any("runner_attempts" in (u.logs or {}) for u in harness.config.updates))
+        # The socket stayed open: caller audio now reaches the new runner.
+        await ws.send(carrier_media(STREAM, b"\xff" * 160, seq=9, timestamp_ms=180))
+        await harness.changes.wait(lambda: second.only_call.frames)
+        # The lost runner, cut off but alive, is muted; the new one is heard.
+        await first.say(call.offer.call_id, tone(160), signed=True)
+        await second.say(call.offer.call_id, tone(160), signed=True)
+        frame = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+        assert frame["event"] == "media"
+        with pytest.raises(TimeoutError):  # only one media frame came out, the new runner's
+            await asyncio.wait_for(ws.recv(), 0.5)
+        attempts = [u.logs["runner_attempts"] for u in harness.config.updates if u.logs and "runner_attempts" in u.logs]
+        first_held, resumed = attempts[-1]
+        assert (first_held["attempt"], first_held["runner_id"]) == (1, "runner-1") and "lost_at" in first_held
+        assert (resumed["attempt"], resumed["runner_id"]) == (2, "runner-2") and 500 <= resumed["gap_ms"] < 2000
+        assert harness.callcontrol.hangups == [] and harness.events.terminal() == []
+        await ws.close()
+        await harness.changes.wait(lambda: harness.events.terminal())
+        assert [(n, b["reason"]) for n, b in harness.events.terminal()] == [("call.ended", "caller_hangup")]
+    finally:
+        await second.stop()
+
+
+async def test_no_runner_for_the_resume_ends_the_call(harness: Harness):
+    await harness.start_ingress(heartbeat_timeout_s=0.6, offer_timeout_s=0.5)
+    ws, call = await answered(harness)
+    await harness.runner.crash(call.offer.call_id)
+    assert (await closed(ws))[:2] == (1011, "Agent runner lost")
+    await harness.changes.wait(lambda: harness.callcontrol.hangups)
+    assert harness.callcontrol.hangups[0].reason == "runner_lost"
 
 
 async def test_heartbeats_keep_the_call_alive(harness: Harness):

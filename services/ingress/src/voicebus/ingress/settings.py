@@ -27,6 +27,10 @@ class IngressSettings(ServiceSettings):
         validation_alias=_env("VOICEBUS_HEARTBEAT_TIMEOUT_S", "heartbeat_timeout_s"),
         description="Runner heartbeat silence after which the runner is presumed lost.",
     )
+    resume_attempts: int = Field(
+        default=3, ge=1, le=10, validation_alias=_env("VOICEBUS_RESUME_ATTEMPTS", "resume_attempts"),
+        description="Offers a call may get in all: the first, then resumes on another runner after one is lost.",
+    )
     rpc_timeout_s: float = Field(
         default=3.0, gt=0, validation_alias=_env("VOICEBUS_RPC_TIMEOUT_S", "rpc_timeout_s"),
         description="Timeout of each request to config and call-control.",

@@ -15,6 +15,8 @@ import contextlib
 import enum
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
@@ -28,6 +30,7 @@ from voicebus.bus.messages import (
     MediaFormat,
     ResolvedAgent,
     RunRecord,
+    RunUpdate,
 )
 from voicebus.bus.rpc import BusError
 from voicebus.bus.subjects import Subjects
@@ -41,6 +44,10 @@ from voicebus.ingress.settings import IngressSettings
 from voicebus.telephony.stream import StreamStart
 
 log = logging.getLogger("voicebus.ingress.call")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class End(enum.Enum):
@@ -96,7 +103,10 @@ class LiveCall:
                                heartbeat_timeout_s=settings.heartbeat_timeout_s)
         self.pump = MediaPump(nc, subjects, self.call_id, socket, setup.start.codec, fmt.frame_bytes,
                               runner_ready=lambda: self.link.ready, on_caller_gone=self._caller_gone,
-                              on_agent_close=self._agent_close, output_open=lambda: not self._ending.done())
+                              on_agent_close=self._agent_close, output_open=lambda: not self._ending.done(),
+                              retired=lambda runner: runner in self.link.retired)
+        self.attempt = 1
+        self.attempts: list[dict[str, Any]] = []  # each runner that held the call: the run's runner_attempts
 
     # ------------------------------------------------------------------ endings
     def end(self, ending: Ending) -> None:
@@ -150,6 +160,7 @@ class LiveCall:
                     else:
                         self.link.accepted(accepted, self._on_runner_lost)
                         self.answered.set()
+                        self._held_by(accepted.runner_id)
                         log.info("call %s run %s: runner %s accepted", self.call_id, self.run.id, accepted.runner_id)
             ending = await self._ending
         finally:
@@ -158,7 +169,7 @@ class LiveCall:
             await self.pump.close()
         await self._conclude(ending)
 
-    def _offer_message(self) -> CallOffer:
+    def _offer_message(self, resume: bool = False) -> CallOffer:
         return CallOffer(
             call_id=self.call_id,
             run_id=self.run.id,
@@ -168,15 +179,59 @@ class LiveCall:
             media=self.media_format,
             caller_number=self.setup.caller_number,
             called_number=self.setup.called_number,
+            resume=resume,
+            attempt=self.attempt,
         )
 
-    async def _on_runner_lost(self) -> bool:
-        """The runner stopped heartbeating. Returns True: the call ends.
+    def _held_by(self, runner_id: str, gap_ms: int | None = None) -> None:
+        entry: dict[str, Any] = {"attempt": self.attempt, "runner_id": runner_id, "accepted_at": _now()}
+        if gap_ms is not None:
+            entry["gap_ms"] = gap_ms
+        self.attempts.append(entry)
 
-        The carrier is told why (1011) FIRST, because the hangup that follows makes the carrier tear the
-        stream down and the reason would be lost; then call-control hangs up the carrier leg and records
-        the run as failed. The survival issue replaces this with a re-offer (``resume=True``).
+    async def _record_attempts(self) -> None:
+        """Best effort: the run's record of who held the call; a config hiccup must not cost the call."""
+        try:
+            await self.bus.update_run(RunUpdate(run_id=self.run.id, logs={"runner_attempts": self.attempts}))
+        except Refusal:
+            log.warning("call %s: could not record runner attempts on run %s", self.call_id, self.run.id)
+
+    async def _on_runner_lost(self) -> bool:
+        """The runner stopped heartbeating: resume the call on another runner, or end it (returns True).
+
+        The carrier socket stays open and the caller hears silence while the call is offered again with
+        ``resume`` (the next runner loads the checkpoint: same flow node or LLM messages, no greeting), up
+        to ``resume_attempts`` offers in all. A runner that was only cut off stops by itself once its
+        claim is taken over, and whatever it still sends is dropped here.
+
+        When no runner takes it, the carrier is told why (1011) FIRST, because the hangup that follows
+        makes the carrier tear the stream down and the reason would be lost; then call-control hangs up
+        the carrier leg and records the run as failed.
         """
+        silent_since = self.link.last_heartbeat  # the caller's gap runs from the runner's last sign of life
+        gone = self.link.lost()
+        if self.attempts:
+            self.attempts[-1]["lost_at"] = _now()
+        while self.attempt < self.settings.resume_attempts and not self._ending.done():
+            self.attempt += 1
+            try:
+                accepted = await self.link.offer(self._offer_message(resume=True))
+            except Refusal as e:
+                log.warning("call %s: resume attempt %d on another runner failed: %s", self.call_id, self.attempt,
+                            e.reason)
+                break
+            if self._ending.done():
+                return True  # the caller hung up while we looked for a runner
+            gap_ms = int((self._loop.time() - silent_since) * 1000)
+            self.link.replaced(accepted)
+            self._held_by(accepted.runner_id, gap_ms)
+            log.info("call %s run %s: resumed on runner %s (attempt %d) %d ms after runner %s was lost",
+                     self.call_id, self.run.id, accepted.runner_id, self.attempt, gap_ms, gone)
+            await self._record_attempts()
+            return False
+        await self._record_attempts()
+        if self._ending.done():
+            return True  # ended meanwhile (caller hangup, shutdown): that ending decides
         ending = Ending(End.RUNNER_LOST, CLOSE_INTERNAL, "Agent runner lost")
         await self.socket.close(ending.code, ending.reason)
         await self._hangup_or_end(End.RUNNER_LOST.value)

@@ -18,7 +18,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from voicebus.audio import FrameCutter
-from voicebus.bus.media import media_headers
+from voicebus.bus.media import RUNNER_HEADER, media_headers
 from voicebus.bus.messages import ClearEvent, CloseEvent, DtmfEvent, MarkAckEvent, MarkEvent, event_out_adapter
 from voicebus.bus.subjects import Subjects
 from voicebus.ingress.live_call.socket import CarrierSocket
@@ -30,7 +30,8 @@ log = logging.getLogger("voicebus.ingress.media")
 class MediaPump:
     def __init__(self, nc: NATS, subjects: Subjects, call_id: str, socket: CarrierSocket, codec: MediaCodec,
                  frame_bytes: int, *, runner_ready: Callable[[], bool], on_caller_gone: Callable[[], None],
-                 on_agent_close: Callable[[CloseEvent], None], output_open: Callable[[], bool]) -> None:
+                 on_agent_close: Callable[[CloseEvent], None], output_open: Callable[[], bool],
+                 retired: Callable[[str], bool] = lambda _runner: False) -> None:
         self.nc = nc
         self.subjects = subjects
         self.call_id = call_id
@@ -41,6 +42,8 @@ class MediaPump:
         self._on_caller_gone = on_caller_gone
         self._on_agent_close = on_agent_close
         self._output_open = output_open
+        self._retired = retired
+        self._stale_frames = 0
         self._seq = 0
         self._problems = 0
         self._bad_out_frames = 0
@@ -90,6 +93,12 @@ class MediaPump:
 
     async def _on_runner_output(self, msg: NatsMsg) -> None:
         if not self._output_open():
+            return
+        sender = (msg.headers or {}).get(RUNNER_HEADER)
+        if sender is not None and self._retired(sender):
+            self._stale_frames += 1  # a runner presumed dead is still talking: its successor has the call
+            if self._stale_frames == 1:
+                log.warning("call %s: dropping output of retired runner %s", self.call_id, sender)
             return
         if msg.subject == self._media_out:
             try:

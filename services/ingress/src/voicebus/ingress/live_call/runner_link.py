@@ -25,7 +25,7 @@ from voicebus.ingress.close_codes import CLOSE_INTERNAL, CLOSE_TRY_AGAIN, INTERN
 
 log = logging.getLogger("voicebus.ingress.runner_link")
 
-RETRYABLE_OFFER_ERRORS = frozenset({"no_responders", "timeout", "at_capacity"})
+RETRYABLE_OFFER_ERRORS = frozenset({"no_responders", "timeout", "at_capacity", "claimed"})
 OFFER_ATTEMPT_TIMEOUT_S = 2.0
 NO_RUNNER_REASON = "No agent runner available"
 
@@ -47,6 +47,7 @@ class RunnerLink:
         self._sub: Subscription | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.ready = False  # a runner holds the call and listens to media.in
+        self.retired: set[str] = set()  # runners presumed dead: what they still send is dropped
 
     async def subscribe(self) -> None:
         self._sub = await self.nc.subscribe(self.subjects.heartbeat(self.call_id), cb=self._on_heartbeat)
@@ -75,7 +76,9 @@ class RunnerLink:
             try:
                 return await self.bus.offer(msg, timeout=min(remaining, OFFER_ATTEMPT_TIMEOUT_S))
             except BusError as e:
-                if e.code == "timeout" and self._hb_runner_seen:
+                # "claimed": another runner holds this attempt (our earlier request reached it and its reply
+                # was lost); its heartbeats name it.
+                if e.code in ("timeout", "claimed") and self._hb_runner_seen:
                     return OfferAccepted(call_id=msg.call_id, runner_id=self._hb_runner_seen)
                 if e.code not in RETRYABLE_OFFER_ERRORS:
                     log.error("call %s: offer failed: %s", self.call_id, e)
@@ -88,16 +91,37 @@ class RunnerLink:
 
     def accepted(self, accepted: OfferAccepted, on_lost: Callable[[], Awaitable[bool]]) -> None:
         """Start watching heartbeats; ``on_lost`` returns True when the call ends (False: recovered)."""
+        self.replaced(accepted)
+        self._watcher = asyncio.create_task(self._watch(on_lost), name=f"hb-{self.call_id}")
+
+    @property
+    def last_heartbeat(self) -> float:
+        """Loop time of the current runner's last heartbeat (or of its acceptance)."""
+        return self._last_hb
+
+    def lost(self) -> str | None:
+        """The current runner is presumed dead: forget it (its heartbeats and output no longer count)."""
+        gone, self.runner_id = self.runner_id, None
+        self.ready = False
+        self._hb_runner_seen = None
+        if gone is not None:
+            self.retired.add(gone)
+        return gone
+
+    def replaced(self, accepted: OfferAccepted) -> None:
+        """A runner (the first, or a successor after a resume) holds the call from now on."""
         self.runner_id = accepted.runner_id
+        self.retired.discard(accepted.runner_id)
         self._last_hb = self._loop.time()  # runner liveness is counted from the acceptance
         self.ready = True
-        self._watcher = asyncio.create_task(self._watch(on_lost), name=f"hb-{self.call_id}")
 
     async def _on_heartbeat(self, msg: NatsMsg) -> None:
         try:
             hb = Heartbeat.model_validate_json(msg.data)
         except ValidationError:
             return
+        if hb.runner_id in self.retired:
+            return  # presumed dead; if it still beats, it stops once it sees its claim taken over
         if self.runner_id is None:
             self._hb_runner_seen = hb.runner_id
             return
@@ -113,7 +137,6 @@ class RunnerLink:
             if remaining <= 0:
                 log.warning("call %s: no heartbeat from runner %s for %.1fs; runner lost",
                             self.call_id, self.runner_id, timeout)
-                self.ready = False
                 if await on_lost():
                     return
                 self._last_hb = self._loop.time()
