@@ -2,7 +2,8 @@
 
 Nothing here mocks NATS or pipecat. ``FakeIngress`` does what ingress does on the bus for one call
 (offer, paced media.in, DTMF/hangup on event.in, collecting media.out, event.out and heartbeats) and
-``FakeCallControl`` answers ``ctl.hangup`` the way call-control would, recording what it was asked.
+``FakeCallControl`` carries out hangup intents (and answers ``ctl.hangup``) the way call-control would,
+recording what it was asked.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from voicebus.agent_runner.models import SharedModels
 from voicebus.agent_runner.runner import Runner
 from voicebus.agent_runner.settings import RunnerSettings
 from voicebus.bus.agent import AgentDefinition
+from voicebus.bus.intents import INTENTS_CONSUMER, ensure_intents_stream
 from voicebus.bus.messages import (
     CallerHangupEvent,
     CallOffer,
@@ -213,7 +215,8 @@ class FakeIngress:
 
 @dataclass
 class FakeCallControl:
-    """Answers ``ctl.hangup`` as call-control would (without a carrier), recording each request."""
+    """Consumes the durable hangup intents (call-control's consumer) and answers ``ctl.hangup``, as
+    call-control would without a carrier, recording each request; an intent is acked once recorded."""
 
     nc: NATS
     subjects: Subjects
@@ -221,11 +224,20 @@ class FakeCallControl:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     before_answer: Callable[[HangupRequest], Awaitable[None]] | None = None
     _sub: Any = None
+    _intents: Any = None
 
     async def start(self) -> FakeCallControl:
+        js = self.nc.jetstream()
+        await ensure_intents_stream(js, self.subjects)
+        self._intents = await js.subscribe(self.subjects.intent_all, durable=INTENTS_CONSUMER,
+                                           stream=self.subjects.intents_stream, cb=self._on_intent, manual_ack=True)
         self._sub = await serve(self.nc, self.subjects.ctl(CTL_HANGUP), HangupRequest, self._on_hangup)
         await self.nc.flush()
         return self
+
+    async def _on_intent(self, msg: NatsMsg) -> None:
+        await self._on_hangup(HangupRequest.model_validate_json(msg.data))
+        await msg.ack()
 
     async def _on_hangup(self, req: HangupRequest) -> HangupResult:
         self.requests.append(req)
@@ -242,9 +254,10 @@ class FakeCallControl:
         return self.for_call(call_id)[0]
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
+        for sub in (self._sub, self._intents):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -303,8 +316,9 @@ async def jetstream_cleanup(nc: NATS, subject_prefix: str) -> AsyncIterator[None
     yield
     subjects = Subjects(prefix=subject_prefix)
     js = nc.jetstream()
-    with contextlib.suppress(Exception):
-        await js.delete_stream(subjects.events_stream)
+    for stream in (subjects.events_stream, subjects.intents_stream):
+        with contextlib.suppress(Exception):
+            await js.delete_stream(stream)
     with contextlib.suppress(Exception):
         await js.delete_key_value(subjects.checkpoint_bucket)
     with contextlib.suppress(Exception):

@@ -9,12 +9,13 @@ import json
 import httpx
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import KeyNotFoundError
 
 from voicebus.agent_runner.runner import Runner
 from voicebus.bus.agent import AgentDefinition, FlowNode, ScriptedFlow
 from voicebus.bus.events import checkpoint_store
-from voicebus.bus.messages import CallAnswered, CallCheckpoint, CallEnded, OfferAccepted
+from voicebus.bus.messages import CallAnswered, CallCheckpoint, CallEnded, HangupRequest, OfferAccepted
 from voicebus.bus.rpc import BusError, request
 from voicebus.bus.subjects import EVT_CALL_ANSWERED, EVT_CALL_ENDED, EVT_CALL_FAILED, Subjects
 
@@ -189,19 +190,48 @@ async def test_lost_ingress_ends_call_as_failed(make_runner: RunnerFactory, ingr
     assert [(c.reason, c.state) for c in ing.events_of("close")] == [("ingress_lost", "failed")]
 
 
-async def test_unreachable_call_control_runner_publishes_call_ended(
+async def test_hangup_waits_in_the_intent_queue_while_call_control_is_down(
         make_runner: RunnerFactory, ingress: IngressFactory, nc: NATS, subjects: Subjects) -> None:
+    runner = await make_runner()
+    events, _changed, _sub = await collect_events(nc, subjects)
+    ing: FakeIngress = ingress()
+    flow = ScriptedFlow(start="bye", nodes={"bye": FlowNode(say="Goodbye.", hangup=True)})
+    await ing.offer(AgentDefinition(greeting="", flow=flow))  # no call-control runs in this test
+    await wait_until(lambda: not runner.sessions, 10, "the session to end")
+    assert len(ing.frames) > 10  # the goodbye was played before the close
+    assert [(c.reason, c.state) for c in ing.events_of("close")] == [("agent_hangup", "completed")]
+    # The intent is stored, not lost, and the runner did not end the run itself.
+    js = nc.jetstream()
+    stored = await js.get_last_msg(subjects.intents_stream, subjects.intent("hangup"))
+    req = HangupRequest.model_validate_json(stored.data or b"")
+    assert (req.call_id, req.reason, req.end_state, req.run_id) == (ing.call_id, "agent_hangup", "completed", 42)
+    assert (stored.headers or {}).get("Nats-Msg-Id") == f"{ing.call_id}.hangup"
+    assert not any(s.endswith((EVT_CALL_ENDED, EVT_CALL_FAILED)) for s, _ in events)
+    # call-control comes back: it gets the intent.
+    cc = await FakeCallControl(nc, subjects).start()
+    try:
+        assert (await cc.wait_hangup(ing.call_id, timeout=10)).reason == "agent_hangup"
+    finally:
+        await cc.stop()
+
+
+async def test_runner_ends_the_run_itself_when_the_intent_cannot_be_queued(
+        make_runner: RunnerFactory, ingress: IngressFactory, nc: NATS, subjects: Subjects) -> None:
+    # A stream that refuses every new intent stands for JetStream being unable to store it.
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name=subjects.intents_stream, subjects=[subjects.intent_all], max_msgs=1,
+                                     discard=DiscardPolicy.NEW))
+    await js.publish(subjects.intent("hangup"), b"{}")
     await make_runner()
     events, changed, _sub = await collect_events(nc, subjects)
     ing: FakeIngress = ingress()
     flow = ScriptedFlow(start="bye", nodes={"bye": FlowNode(say="Goodbye.", hangup=True)})
-    await ing.offer(AgentDefinition(greeting="", flow=flow))  # nobody serves ctl.hangup in this test
-    await wait_until(lambda: any(s.endswith(EVT_CALL_ENDED) for s, _ in events), 10, "call.ended", changed)
+    await ing.offer(AgentDefinition(greeting="", flow=flow))
+    await wait_until(lambda: any(s.endswith(EVT_CALL_ENDED) for s, _ in events), 15, "call.ended", changed)
     ended = CallEnded.model_validate_json(next(d for s, d in events if s.endswith(EVT_CALL_ENDED)))
     assert (ended.call_id, ended.state, ended.reason, ended.source) == (ing.call_id, "completed", "agent_hangup",
                                                                         "agent-runner")
     assert not any(s.endswith(EVT_CALL_FAILED) for s, _ in events)
-    assert len(ing.frames) > 10  # the goodbye was played before the close
     assert ing.events_of("close")
 
 

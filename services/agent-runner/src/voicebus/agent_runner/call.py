@@ -48,6 +48,7 @@ from voicebus.agent_runner.settings import RunnerSettings
 from voicebus.agent_runner.transport import NatsCallTransport
 from voicebus.bus.agent import AgentDefinition, FlowNode, ScriptedFlow
 from voicebus.bus.events import publish_call_ended
+from voicebus.bus.intents import IntentNotStored, publish_hangup_intent
 from voicebus.bus.media import sender_headers
 from voicebus.bus.messages import (
     HEARTBEAT_INTERVAL_S,
@@ -62,8 +63,7 @@ from voicebus.bus.messages import (
     Heartbeat,
     event_in_adapter,
 )
-from voicebus.bus.rpc import BusError, request
-from voicebus.bus.subjects import CTL_HANGUP, Subjects
+from voicebus.bus.subjects import Subjects
 
 log = logging.getLogger("voicebus.agent_runner.call")
 
@@ -381,16 +381,20 @@ class CallSession:
             log.warning("call %s: could not publish on event.out: %s", self.call_id, e)
 
     async def _request_hangup(self, reason: str, state: str) -> None:
-        """Ask call-control to hang up the call's carrier legs (it knows them by call id) and end the run."""
+        """Queue the durable hangup intent: call-control hangs up the call's carrier legs (it knows them by
+        call id) and ends the run, now or, if it is down, once it is back.
+
+        Only if JetStream itself would not store the intent (NATS away for longer than the retries) does
+        the runner end the run here; the leg is then left to call-control's reconcile on its next start.
+        """
         o = self.offer
         req = HangupRequest(call_id=o.call_id, run_id=o.run_id, organization_id=o.organization_id,
                             reason=reason, end_state=state)  # type: ignore[arg-type]
         try:
-            self.hangup_result = await request(self.ctx.nc, self.ctx.subjects.ctl(CTL_HANGUP), req,
-                                               HangupResult, timeout=HANGUP_TIMEOUT_S)
+            await publish_hangup_intent(self.ctx.js, self.ctx.subjects, req)
             return
-        except BusError as e:
-            log.warning("call %s: call-control hangup failed (%s); ending the run here", self.call_id, e)
+        except IntentNotStored as e:
+            log.warning("call %s: the hangup intent could not be queued (%s); ending the run here", self.call_id, e)
         ended = CallEnded(call_id=o.call_id, run_id=o.run_id, organization_id=o.organization_id, source=SOURCE,
                           state=state, reason=reason)  # type: ignore[arg-type]
         try:
