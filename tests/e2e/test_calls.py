@@ -1,4 +1,4 @@
-"""Simulated Cloudonix calls through the four services: happy path, caller hangup, lost runner."""
+"""Simulated Cloudonix calls through the four services: happy path, caller hangup, a runner killed mid-call."""
 
 from __future__ import annotations
 
@@ -87,34 +87,53 @@ async def test_caller_hangs_up_mid_call(e2e: E2E) -> None:
     await e2e.wait_quota_free()
 
 
-async def test_runner_killed_mid_call_ends_run_and_frees_slot(e2e: E2E) -> None:
+async def test_runner_killed_mid_sentence_the_call_resumes_on_the_other_runner(e2e: E2E) -> None:
+    """SIGKILL the runner while the greeting plays: the caller stays connected, hears a short gap, then the
+    menu from the other runner (no second greeting), presses 1 and the conversation goes on to the end."""
     call_id = _call_id()
-    script = CallScript(domain=DOMAIN, cloudonix_api=e2e.cloudonix.url, max_duration_s=45)
-    call = asyncio.create_task(place_call(e2e.url(callId=call_id), script))
+    # The caller presses 1 only after 2.5 s of agent silence, so the gap itself is not taken for the
+    # end of a prompt (a real caller waits for the menu too).
+    script = CallScript(domain=DOMAIN, cloudonix_api=e2e.cloudonix.url, actions=[CallerAction.dtmf("1")],
+                        agent_silence_ms=2500, max_duration_s=60)
+    speaking = asyncio.Event()
+    call = asyncio.create_task(place_call(
+        e2e.url(callId=call_id), script,
+        on_event=lambda ev: speaking.set() if ev.kind == "first_agent_audio" else None))
+    victim_name: str | None = None
     try:
         async def owner() -> str | None:
             run = await e2e.run_for_call(call_id, terminal=False)
             return ((run.get("logs") or {}).get("runner") or {}).get("runner_id")
 
-        runner_id = await eventually(owner, 20, "a runner to answer the call")
-        victim = e2e.stack.services[runner_id]
-        victim.signal(signal.SIGKILL)
-        report = await asyncio.wait_for(call, 20)
+        victim_name = await eventually(owner, 20, "a runner to answer the call")
+        await asyncio.wait_for(speaking.wait(), 20)
+        await asyncio.sleep(1.2)  # let "Hello, and thanks..." be half said: the kill lands mid-sentence
+        e2e.stack.services[victim_name].signal(signal.SIGKILL)
+        report = await asyncio.wait_for(call, 60)
     finally:
         if not call.done():
             call.cancel()
     try:
-        assert report.close_code == 1011, report.render()
-        assert report.close_reason == "Agent runner lost"
+        assert report.close_code == 1000 and report.hung_up_by == "agent", report.render()
+        assert report.dtmf_sent == ["1"], report.render()
         run = await e2e.run_for_call(call_id)
-        assert run["state"] == "failed", run
-        assert run["end_reason"] == "runner_lost"
+        assert (run["state"], run["end_reason"]) == ("completed", "agent_hangup"), run
+        attempts = run["logs"]["runner_attempts"]
+        assert [a["attempt"] for a in attempts] == [1, 2], attempts
+        assert attempts[0]["runner_id"] == victim_name != attempts[1]["runner_id"]
+        assert attempts[1]["gap_ms"] < 3000, attempts  # ~1.5 s of heartbeat silence, then the re-offer
+        heard = transcribe_8k(report.recording)
+        assert heard.count("hello") == 1, heard  # the greeting was not said again
+        expected = ["press 1", "open every day", "goodbye"]
+        positions = [heard.find(p) for p in expected]
+        assert all(p >= 0 for p in positions) and positions == sorted(positions), heard
         session = await _session_state(e2e, report.session)
-        assert session["state"] == "ended", "call-control hangs the carrier leg up"
+        assert session["state"] == "ended", "call-control hangs the carrier leg up at the end"
         await e2e.wait_quota_free()
     finally:
-        victim.wait(5)
-        await asyncio.to_thread(e2e.stack.restart_service, runner_id)
+        if victim_name is not None:
+            e2e.stack.services[victim_name].wait(5)
+            await asyncio.to_thread(e2e.stack.restart_service, victim_name)
 
 
 async def test_barge_in_clears_agent_audio(e2e: E2E) -> None:
