@@ -121,6 +121,7 @@ async def test_runner_killed_mid_sentence_the_call_resumes_on_the_other_runner(e
         attempts = run["logs"]["runner_attempts"]
         assert [a["attempt"] for a in attempts] == [1, 2], attempts
         assert attempts[0]["runner_id"] == victim_name != attempts[1]["runner_id"]
+        print(f"resume: caller gap {attempts[1]['gap_ms']} ms")
         assert attempts[1]["gap_ms"] < 3000, attempts  # ~1.5 s of heartbeat silence, then the re-offer
         heard = transcribe_8k(report.recording)
         assert heard.count("hello") == 1, heard  # the greeting was not said again
