@@ -26,6 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from voicebus.bus.agent import demo_definition
+from voicebus.bus.intents import INTENTS_CONSUMER, ensure_intents_stream
 from voicebus.bus.media import RUNNER_HEADER, read_media_headers
 from voicebus.bus.messages import (
     HEARTBEAT_INTERVAL_S,
@@ -256,6 +257,7 @@ class FakeCallControl:
         self.verifies: list[VerifyRequest] = []
         self.verdicts: list[VerifyResult] = []  # answered in order; then valid
         self.verify_error: BusError | None = None
+        self._intents: Subscription | None = None
         self._subs: list[Subscription] = []
 
     async def start(self) -> FakeCallControl:
@@ -265,7 +267,31 @@ class FakeCallControl:
                                       queue=CALL_CONTROL_QUEUE))
         self._subs.append(await serve(self.nc, self.subjects.ctl(CTL_VERIFY), VerifyRequest, self.verify,
                                       queue=CALL_CONTROL_QUEUE))
+        await self.consume()
         return self
+
+    async def consume(self) -> None:
+        """Take the durable hangup intents, as call-control's consumer does (they wait in the stream until)."""
+        js = self.nc.jetstream()
+        await ensure_intents_stream(js, self.subjects)
+        self._intents = await js.subscribe(self.subjects.intent_all, durable=INTENTS_CONSUMER,
+                                           stream=self.subjects.intents_stream, cb=self._on_intent, manual_ack=True)
+        self._subs.append(self._intents)
+
+    async def pause_intents(self) -> None:
+        """call-control goes away: nobody takes intents (they wait in the stream) until ``consume()``."""
+        sub, self._intents = self._intents, None
+        if sub is not None:
+            self._subs.remove(sub)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self.nc.jetstream().delete_consumer(self.subjects.intents_stream, INTENTS_CONSUMER)
+
+    async def _on_intent(self, msg: NatsMsg) -> None:
+        self.hangups.append(HangupRequest.model_validate_json(msg.data))
+        await self.changes.notify()
+        await msg.ack()
 
     async def validate(self, req: LegRegister) -> LegRegistered:
         """Cloudonix legs are registered with confirm=True: the session validation."""
@@ -495,4 +521,6 @@ async def harness(nats_url: str, subject_prefix: str) -> AsyncIterator[Harness]:
             await nc.jetstream().delete_stream(subjects.events_stream)
         with contextlib.suppress(Exception):
             await nc.jetstream().delete_key_value(f"{subjects.prefix.replace('-', '_')}_ingress_pending")
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(subjects.intents_stream)
         await nc.close()

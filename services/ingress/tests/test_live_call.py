@@ -21,7 +21,6 @@ from voicebus.bus.messages import (
     MarkAckEvent,
     MarkEvent,
 )
-from voicebus.bus.rpc import BusError
 from voicebus.telephony.dialects.twilio_media_carrier import (
     ServerClear,
     ServerMark,
@@ -264,15 +263,22 @@ async def test_runner_lost_asks_call_control_to_hang_up(harness: Harness):
     await harness.changes.wait(harness.config.all_leases_released)
 
 
-async def test_runner_lost_without_call_control_ends_the_run_itself(harness: Harness):
-    harness.callcontrol.hangup_error = BusError("carrier_error", "Cloudonix answered 500")
+async def test_runner_lost_while_call_control_is_down_the_hangup_waits_as_an_intent(harness: Harness):
+    """No call-control consumes intents now: ingress does not end the run itself (the carrier leg would
+    stay up); the intent waits and is carried out as soon as call-control is back."""
+    await harness.callcontrol.pause_intents()
     await harness.start_ingress(heartbeat_timeout_s=0.6, resume_attempts=1)
     ws, call = await answered(harness)
     harness.runner.die(call.offer.call_id)
     assert (await closed(ws))[:2] == (1011, "Agent runner lost")
-    name, body = (await harness.changes.wait(lambda: harness.events.terminal()))[0]
-    assert (name, body["state"], body["reason"]) == ("call.failed", "failed", "runner_lost")
-    await harness.changes.wait(harness.config.all_leases_released)
+    js = harness.nc.jetstream()
+    await harness.changes.wait(lambda: harness.config.all_leases_released())
+    info = await js.stream_info(harness.subjects.intents_stream)
+    assert info.state.messages == 1  # stored, waiting for call-control
+    assert harness.events.terminal() == [] and harness.callcontrol.hangups == []
+    await harness.callcontrol.consume()  # call-control is back
+    (hangup,) = await harness.changes.wait(lambda: harness.callcontrol.hangups)
+    assert (hangup.call_id, hangup.reason, hangup.end_state) == (call.offer.call_id, "runner_lost", "failed")
 
 
 async def test_lost_runner_is_replaced_and_the_call_goes_on(harness: Harness):

@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from voicebus.bus.events import publish_call_ended, publish_event
+from voicebus.bus.intents import publish_hangup_intent
 from voicebus.bus.messages import (
     AgentResolveRequest,
     CallEnded,
@@ -186,6 +187,11 @@ class BusClient:
 
     async def hangup(self, req: HangupRequest) -> HangupResult:
         return await request(self.nc, self.subjects.ctl(CTL_HANGUP), req, HangupResult, timeout=max(self.timeout, 15.0))
+
+    async def hangup_intent(self, req: HangupRequest) -> None:
+        """Queue the hangup durably: call-control carries it out even if it is restarting right now.
+        Raises ``IntentNotStored`` only when JetStream itself never took it."""
+        await publish_hangup_intent(self.js, self.subjects, req)
 
     # ---------------------------------------------------------------- lifecycle events
     async def call_started(self, event: CallStarted) -> None:

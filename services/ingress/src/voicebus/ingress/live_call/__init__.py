@@ -20,6 +20,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from voicebus.bus.intents import IntentNotStored
 from voicebus.bus.messages import (
     CallEnded,
     CallerHangupEvent,
@@ -32,7 +33,6 @@ from voicebus.bus.messages import (
     RunRecord,
     RunUpdate,
 )
-from voicebus.bus.rpc import BusError
 from voicebus.bus.subjects import Subjects
 from voicebus.ingress.bus import SOURCE, BusClient
 from voicebus.ingress.close_codes import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_RESTARTING, INTERNAL_ERROR_REASON, Refusal
@@ -239,14 +239,15 @@ class LiveCall:
         return True
 
     async def _hangup_or_end(self, reason: str) -> None:
-        """Ask call-control to hang up the carrier leg and fail the run; fall back to ending the run here."""
+        """Queue a durable hangup intent (call-control hangs the leg up and fails the run, even if it is
+        restarting now); only if JetStream will not store it is the run ended here, without a hangup."""
         try:
-            await self.bus.hangup(HangupRequest(call_id=self.call_id, run_id=self.run.id,
-                                                organization_id=self.run.organization_id, reason=reason,
-                                                end_state="failed"))
+            await self.bus.hangup_intent(HangupRequest(call_id=self.call_id, run_id=self.run.id,
+                                                       organization_id=self.run.organization_id, reason=reason,
+                                                       end_state="failed"))
             return
-        except BusError as e:
-            log.warning("call %s: hangup via call-control failed (%s); ending the run here", self.call_id, e)
+        except IntentNotStored as e:
+            log.error("call %s: hangup intent not stored (%s); ending the run here", self.call_id, e)
         await self.publish_end("failed", reason)
 
     async def _conclude(self, ending: Ending) -> None:
