@@ -375,7 +375,8 @@ class FakeRunner:
     async def _beat(self, call_id: str) -> None:
         for seq in itertools.count():
             hb = Heartbeat(runner_id=self.runner_id, seq=seq)
-            await self.nc.publish(self.subjects.heartbeat(call_id), hb.encode())
+            with contextlib.suppress(Exception):  # as the runner: a reconnecting client must not stop beating
+                await self.nc.publish(self.subjects.heartbeat(call_id), hb.encode())
             self.beats += 1
             await self.changes.notify()
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)  # the runner's heartbeat period
@@ -498,7 +499,7 @@ async def closed(ws: ClientConnection, timeout: float = WAIT_S) -> tuple[int | N
 
 @pytest.fixture
 async def harness(nats_url: str, subject_prefix: str) -> AsyncIterator[Harness]:
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, reconnect_time_wait=0.25)  # the services' own reconnect pace is 0.5 s
     subjects = Subjects(prefix=subject_prefix)
     changes = Changes()
     events = EventLog(changes)

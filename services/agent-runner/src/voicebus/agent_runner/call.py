@@ -322,6 +322,11 @@ class CallSession:
         timeout = self.ctx.settings.media_timeout_s
         while self.end_reason is None:
             remaining = self._last_media + timeout - time.monotonic()
+            if remaining <= 0 and not self.ctx.nc.is_connected:
+                # Our NATS connection is down (a NATS restart): the silence is not ingress's. Count again,
+                # from now, so ingress gets a whole timeout after we are back.
+                self._last_media = time.monotonic()
+                continue
             if remaining <= 0:
                 log.warning("call %s: no media.in for %.1fs; the ingress is presumed lost", self.call_id, timeout)
                 await self.abort("ingress_lost")

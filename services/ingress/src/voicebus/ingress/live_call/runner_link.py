@@ -48,6 +48,7 @@ class RunnerLink:
         self._watcher: asyncio.Task[None] | None = None
         self.ready = False  # a runner holds the call and listens to media.in
         self.retired: set[str] = set()  # runners presumed dead: what they still send is dropped
+        self._outage = False  # our NATS connection was down when the runner's heartbeats were due
 
     async def subscribe(self) -> None:
         self._sub = await self.nc.subscribe(self.subjects.heartbeat(self.call_id), cb=self._on_heartbeat)
@@ -128,12 +129,25 @@ class RunnerLink:
         if hb.runner_id != self.runner_id:
             return  # a stale runner (e.g. after a re-offer) does not keep this call alive
         self._last_hb = self._loop.time()
+        self._outage = False
         self._hb_event.set()
 
     async def _watch(self, on_lost: Callable[[], Awaitable[bool]]) -> None:
         timeout = self.heartbeat_timeout_s
         while True:
             remaining = self._last_hb + timeout - self._loop.time()
+            if remaining <= 0 and not self.nc.is_connected:
+                # We hear nobody while our own NATS connection is down (a NATS restart): that silence is
+                # not the runner's. Start counting again, with one more timeout of grace for the runner's
+                # own reconnect, once we are back.
+                self._outage = True
+                self._last_hb = self._loop.time()
+                continue
+            if remaining <= 0 and self._outage:
+                self._outage = False
+                self._last_hb = self._loop.time()
+                log.info("call %s: NATS is back; waiting for runner %s's heartbeats", self.call_id, self.runner_id)
+                continue
             if remaining <= 0:
                 log.warning("call %s: no heartbeat from runner %s for %.1fs; runner lost",
                             self.call_id, self.runner_id, timeout)
