@@ -59,7 +59,6 @@ from voicebus.bus.messages import (
     CloseEvent,
     DtmfEvent,
     HangupRequest,
-    HangupResult,
     Heartbeat,
     event_in_adapter,
 )
@@ -78,7 +77,6 @@ CALLER_GONE = "caller_hangup"
 # call-control, and leave the checkpoint, which is the successor's now.
 SUPERSEDED = "superseded"
 
-HANGUP_TIMEOUT_S = 10.0
 # After an end was requested, how long the goodbye may take to play before the pipeline is cancelled.
 END_GRACE_S = 30.0
 
@@ -108,7 +106,6 @@ class CallSession:
         self.end_state: str | None = None
         self.turn = checkpoint.turn if checkpoint is not None and offer.resume else 0
         self.flow_node: str | None = checkpoint.flow_node if self.resume_from else None
-        self.hangup_result: HangupResult | None = None
         self.done = asyncio.Event()
         self.pipeline_done = asyncio.Event()
         self._on_pipeline_done = on_pipeline_done

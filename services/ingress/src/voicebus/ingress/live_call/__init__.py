@@ -106,6 +106,7 @@ class LiveCall:
                               on_agent_close=self._agent_close, output_open=lambda: not self._ending.done(),
                               retired=lambda runner: runner in self.link.retired)
         self.attempt = 1
+        self._hangup_queued = False  # a durable hangup intent owns the run's terminal event
         self.attempts: list[dict[str, Any]] = []  # each runner that held the call: the run's runner_attempts
 
     # ------------------------------------------------------------------ endings
@@ -135,7 +136,10 @@ class LiveCall:
                 await self._conclude(self._ending.result())
         finally:
             ending = self._ending.result() if self._ending.done() else None
-            await self.lease.release(leave_to_config=ending is not None and ending.kind is End.AGENT_CLOSE)
+            # The terminal event is call-control's when the agent hung up or a hangup intent was queued: it
+            # comes later, so the lease is left to config, which releases it when it applies that event.
+            theirs = self._hangup_queued or (ending is not None and ending.kind is End.AGENT_CLOSE)
+            await self.lease.release(leave_to_config=theirs)
 
     async def _run(self) -> None:
         start = self.setup.start
@@ -245,6 +249,7 @@ class LiveCall:
             await self.bus.hangup_intent(HangupRequest(call_id=self.call_id, run_id=self.run.id,
                                                        organization_id=self.run.organization_id, reason=reason,
                                                        end_state="failed"))
+            self._hangup_queued = True
             return
         except IntentNotStored as e:
             log.error("call %s: hangup intent not stored (%s); ending the run here", self.call_id, e)
