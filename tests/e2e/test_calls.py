@@ -124,8 +124,8 @@ async def test_runner_killed_mid_sentence_the_call_resumes_on_the_other_runner(e
         print(f"resume: caller gap {attempts[1]['gap_ms']} ms")
         assert attempts[1]["gap_ms"] < 3000, attempts  # ~1.5 s of heartbeat silence, then the re-offer
         heard = transcribe_8k(report.recording)
-        assert heard.count("hello") == 1, heard  # the greeting was not said again
-        expected = ["press 1", "open every day", "goodbye"]
+        assert heard.count("hello") <= 1 and heard.count("thanks for calling") <= 1, heard  # no second greeting
+        expected = ["opening hours", "open every day", "goodbye"]  # the menu again, then the rest of the call
         positions = [heard.find(p) for p in expected]
         assert all(p >= 0 for p in positions) and positions == sorted(positions), heard
         session = await _session_state(e2e, report.session)
