@@ -326,9 +326,27 @@ async def test_drain_refuses_new_offers_and_waits_for_calls(make_runner: RunnerF
     assert (await call_control.wait_hangup(ing.call_id)).reason == "agent_hangup"
 
 
-async def test_drain_deadline_ends_remaining_calls(make_runner: RunnerFactory, ingress: IngressFactory,
-                                                   call_control: FakeCallControl) -> None:
+async def test_drain_deadline_hands_remaining_calls_over(make_runner: RunnerFactory, ingress: IngressFactory,
+                                                         call_control: FakeCallControl, nc: NATS,
+                                                         subjects: Subjects) -> None:
+    """Past the deadline the runner goes quiet (no close, no hangup) and leaves the checkpoint, so ingress
+    resumes the call on another runner when the heartbeats stop."""
     runner = await make_runner()
+    ing: FakeIngress = ingress()
+    await ing.offer(WAITER)
+    await ing.wait_frames(1)
+    await wait_until(lambda: bool(ing.heartbeats), 5, "a heartbeat")
+    await asyncio.wait_for(runner.stop(drain_timeout_s=0.3), 15)
+    assert runner.sessions == {}
+    assert ing.events_of("close") == [] and call_control.for_call(ing.call_id) == []
+    kv = await checkpoint_store(nc.jetstream(), subjects)
+    cp = CallCheckpoint.model_validate_json((await kv.get(ing.call_id)).value or b"")
+    assert cp.runner_id == runner.runner_id  # kept for the runner that resumes the call
+
+
+async def test_drain_deadline_ends_remaining_calls_without_handover(
+        make_runner: RunnerFactory, ingress: IngressFactory, call_control: FakeCallControl) -> None:
+    runner = await make_runner(handover_on_drain=False)
     ing: FakeIngress = ingress()
     await ing.offer(WAITER)
     await ing.wait_frames(1)

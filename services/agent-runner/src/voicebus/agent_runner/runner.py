@@ -101,10 +101,14 @@ class Runner:
                 await asyncio.wait_for(self._wait_idle(), timeout)
             except TimeoutError:
                 remaining = list(self.sessions.values())
+                # Handing over = going quiet: no close, no hangup, the checkpoint kept; ingress sees the
+                # heartbeats stop and resumes each call on another runner (or ends it if none is free).
+                how = SUPERSEDED if self.settings.handover_on_drain else "runner_shutdown"
                 if remaining:
-                    log.warning("drain deadline passed; ending %d call(s)", len(remaining))
+                    log.warning("drain deadline passed; %s %d call(s)",
+                                "handing over" if how == SUPERSEDED else "ending", len(remaining))
                 for session in remaining:
-                    await session.abort("runner_shutdown")
+                    await session.abort(how)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wait_idle(), SHUTDOWN_GRACE_S)
         for task in list(self._tasks):

@@ -25,6 +25,11 @@ class RunnerSettings(ServiceSettings):
         default=600.0, ge=0, validation_alias=AliasChoices("VOICEBUS_RUNNER_DRAIN_TIMEOUT_S", "drain_timeout_s"),
         description="On SIGTERM, how long running calls may take to finish before they are ended.",
     )
+    handover_on_drain: bool = Field(
+        default=True, validation_alias=AliasChoices("VOICEBUS_RUNNER_HANDOVER", "handover_on_drain"),
+        description="At the drain deadline, hand the calls still running to other runners (they resume from "
+                    "the checkpoint) instead of ending them.",
+    )
     runner_id: str | None = Field(
         default=None, validation_alias=AliasChoices("VOICEBUS_INSTANCE_ID", "runner_id"),
         description="Names this runner in heartbeats and CallAnswered; generated when unset.",
