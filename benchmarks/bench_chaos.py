@@ -123,6 +123,8 @@ class CallOutcome:
     gaps_ms: list[int] = field(default_factory=list)
     dtmf_sent: bool = False
     dtmf_answered: bool = False
+    dtmf_early: bool = False
+    timeline: list[str] = field(default_factory=list)
     leg_state: str = "?"
     leg_ended_by: str | None = None
     leg_deletes: int = 0
@@ -134,7 +136,7 @@ class CallOutcome:
     @property
     def completed(self) -> bool:
         return (self.run_state == "completed" and self.end_reason == "agent_hangup" and self.close == "1000"
-                and self.hung_up_by == "agent" and self.dtmf_answered)
+                and self.hung_up_by == "agent")
 
     @property
     def reason_true(self) -> bool:
@@ -194,13 +196,18 @@ def runner_of(run: dict[str, Any]) -> str | None:
     return (logs.get("runner") or {}).get("runner_id")
 
 
-def dtmf_answered(report: CallReport) -> tuple[bool, bool]:
-    """(sent, answered): the agent started speaking within DTMF_ANSWER_S of the key press."""
+def dtmf_answered(report: CallReport) -> tuple[bool, bool, bool]:
+    """(sent, answered, early): answered = the agent started speaking within DTMF_ANSWER_S of the key press;
+    early = pressed before the menu began (fewer than two agent utterances before it: the caller's silence
+    rule fired in the pause between greeting and menu, which slow synthesis under load stretches), so an
+    unanswered early press is the script's timing, not a lost event."""
     sent = report.first("dtmf_sent")
     if sent is None:
-        return False, False
-    after = [e for e in report.events if e.kind == "agent_speaking" and e.t_ms > sent.t_ms]
-    return True, bool(after) and after[0].t_ms - sent.t_ms <= DTMF_ANSWER_S * 1000
+        return False, False, False
+    speaking = [e.t_ms for e in report.events if e.kind == "agent_speaking"]
+    after = [t for t in speaking if t > sent.t_ms]
+    early = len(speaking) - len(after) < 2
+    return True, bool(after) and after[0] - sent.t_ms <= DTMF_ANSWER_S * 1000, early
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -351,11 +358,14 @@ class Chaos:
                 if report is None:
                     outcomes.append(CallOutcome(call_id, script.session, err, "-", None))
                     continue
-                sent, answered = dtmf_answered(report)
+                sent, answered, early = dtmf_answered(report)
                 outcomes.append(CallOutcome(call_id, script.session, report.error,
                                             f"{report.close_code} {report.close_reason}".strip()
                                             if report.close_code != 1000 else "1000",
-                                            report.hung_up_by, dtmf_sent=sent, dtmf_answered=answered))
+                                            report.hung_up_by, dtmf_sent=sent, dtmf_answered=answered,
+                                            dtmf_early=early,
+                                            timeline=[f"{e.t_ms} {e.kind}" for e in report.events
+                                                      if e.kind not in ("mark_played", "mark_received")]))
             for o in outcomes:
                 if not o.connected:  # the carrier ends a call whose media stream never connected
                     with contextlib.suppress(httpx.HTTPError):
@@ -438,7 +448,8 @@ def summarize(batches: list[Batch]) -> dict[str, Any]:
         if all(b.slots_free_after_s is not None for b in batches) else None,
         "undercount": max((b.quota_undercount for b in batches), default=0),
         "legs_up": sum(b.legs_up for b in batches),
-        "dtmf_lost": sum(1 for c in calls if c.dtmf_sent and not c.dtmf_answered),
+        "dtmf_lost": sum(1 for c in calls if c.dtmf_sent and not c.dtmf_answered and not c.dtmf_early),
+        "dtmf_early": sum(1 for c in calls if c.dtmf_sent and not c.dtmf_answered and c.dtmf_early),
         "no_dtmf": sum(1 for c in calls if c.connected and not c.dtmf_sent),
         "reason_false": sum(1 for c in calls if not c.reason_true),
     }
@@ -451,7 +462,7 @@ def fmt_ms(v: float) -> str:
 def print_report(batches: list[Batch], kinds: list[str]) -> bool:
     """Print the table; True when every invariant held."""
     head = (f"{'fault':<18} {'calls':>5} {'done':>5} {'resumed':>7} {'gap p50/p99/max ms':>19} {'non-term':>8} "
-            f"{'slots':>5} {'freed s':>7} {'under':>5} {'legs up':>7} {'dtmf lost':>9} {'no dtmf':>7} "
+            f"{'slots':>5} {'freed s':>7} {'under':>5} {'legs up':>7} {'dtmf lost':>9} {'early':>5} {'no dtmf':>7} "
             f"{'reason ✗':>8} {'no run':>6}")
     print(head)
     print("-" * len(head))
@@ -465,6 +476,7 @@ def print_report(batches: list[Batch], kinds: list[str]) -> bool:
         freed = "-" if s["slots_free_after_s"] is None else f"{s['slots_free_after_s']:.1f}"
         print(f"{name:<18} {s['calls']:>5} {s['completed']:>5} {s['resumed']:>7} {gaps:>19} {s['non_terminal']:>8} "
               f"{s['slots_held']:>5} {freed:>7} {s['undercount']:>5} {s['legs_up']:>7} {s['dtmf_lost']:>9} "
+              f"{s['dtmf_early']:>5} "
               f"{s['no_dtmf']:>7} {s['reason_false']:>8} {s['no_run']:>6}")
     print()
     print("how calls ended (run state/end_reason; caller close code), and the faults injected:")
@@ -553,9 +565,11 @@ async def main() -> int:
     print(f"\n{args.calls} concurrent calls per batch, {args.runners} runners, seed {args.seed}, "
           f"{time.monotonic() - started:.0f}s in all" + (f", {skipped} batches skipped (time bound)" if skipped
                                                            else ""))
-    print("done = run completed/agent_hangup, normal close, key press answered; gaps from logs.runner_attempts; "
+    print("done = run completed/agent_hangup and a normal agent close; gaps from logs.runner_attempts; "
           "slots = quota in_use at the deadline; freed s = seconds after the calls until in_use was 0; under = "
           "most live calls not counted by the quota; legs up = Cloudonix sessions still active at the deadline; "
+          "dtmf lost = the press came after the menu began and no agent speech followed within 5 s (early = "
+          "pressed before the menu, unanswered); "
           "reason ✗ = run end_reason disagrees with the caller's close\n")
     ok = print_report(batches, [*args.faults])
     if args.json:
