@@ -91,10 +91,10 @@ async def test_runner_killed_mid_sentence_the_call_resumes_on_the_other_runner(e
     """SIGKILL the runner while the greeting plays: the caller stays connected, hears a short gap, then the
     menu from the other runner (no second greeting), presses 1 and the conversation goes on to the end."""
     call_id = _call_id()
-    # The caller presses 1 only after 2.5 s of agent silence, so the gap itself is not taken for the
+    # The caller presses 1 only after 4 s of agent silence, so the gap itself is not taken for the
     # end of a prompt (a real caller waits for the menu too).
     script = CallScript(domain=DOMAIN, cloudonix_api=e2e.cloudonix.url, actions=[CallerAction.dtmf("1")],
-                        agent_silence_ms=2500, max_duration_s=60)
+                        agent_silence_ms=4000, max_duration_s=60)
     speaking = asyncio.Event()
     call = asyncio.create_task(place_call(
         e2e.url(callId=call_id), script,

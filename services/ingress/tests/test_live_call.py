@@ -22,6 +22,7 @@ from voicebus.bus.messages import (
     MarkAckEvent,
     MarkEvent,
 )
+from voicebus.ingress.live_call import lease as lease_keepers
 from voicebus.telephony.dialects.twilio_media_carrier import (
     ServerClear,
     ServerMark,
@@ -243,6 +244,23 @@ async def test_agent_close_closes_the_socket_and_leaves_the_terminal_event_to_ot
     assert harness.events.terminal() == []
     assert not any(isinstance(e, CallerHangupEvent) for e in call.events)
     assert harness.callcontrol.hangups == []
+
+
+async def test_lease_is_kept_after_the_agent_hangs_up_until_the_run_has_ended(harness: Harness):
+    """call-control may be restarting (the hangup waits as an intent): the slot must not lapse meanwhile."""
+    harness.config.ttl_s = 0.3
+    await harness.start_ingress()
+    ws, call = await answered(harness)
+    await harness.runner.send(call.offer.call_id, CloseEvent(reason="agent_hangup"))
+    await closed(ws)
+    lease = harness.config.creates[0].quota_lease_id
+    renewed = harness.config.renewed.count(lease)
+    await harness.changes.wait(lambda: harness.config.renewed.count(lease) >= renewed + 3)  # still kept
+    (keeper,) = lease_keepers._handoffs
+    run = harness.config.only_run
+    harness.config.runs[run.id] = run.model_copy(update={"state": "completed"})  # config applied the end
+    await asyncio.wait_for(keeper, WAIT_S)  # it sees the run ended and stops renewing
+    assert harness.config.released == []  # still config's to release
 
 
 async def test_runner_lost_asks_call_control_to_hang_up(harness: Harness):

@@ -21,6 +21,7 @@ from voicebus.bus.subjects import Subjects
 from voicebus.ingress.agent_stream import AgentStreamCall
 from voicebus.ingress.bus import BusClient
 from voicebus.ingress.close_codes import CLOSE_POLICY
+from voicebus.ingress.live_call.lease import cancel_handoffs
 from voicebus.ingress.media_socket import MediaSocketCall
 from voicebus.ingress.pending import PendingCalls
 from voicebus.ingress.settings import IngressSettings
@@ -212,6 +213,7 @@ class IngressService:
 
     async def stop(self) -> None:
         await self.webhooks.stop()
+        await cancel_handoffs()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception, SystemExit):

@@ -139,7 +139,7 @@ class LiveCall:
             # The terminal event is call-control's when the agent hung up or a hangup intent was queued: it
             # comes later, so the lease is left to config, which releases it when it applies that event.
             theirs = self._hangup_queued or (ending is not None and ending.kind is End.AGENT_CLOSE)
-            await self.lease.release(leave_to_config=theirs)
+            await self.lease.release(leave_to_config=theirs, run_id=self.run.id)
 
     async def _run(self) -> None:
         start = self.setup.start
