@@ -10,6 +10,8 @@ secret key stays in the env file, and the runner's stop grace period outlasts it
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,15 @@ VOICEBUS = {
     "call-control": ("services/call-control/Dockerfile", "VOICEBUS_CALL_CONTROL_PORT", 8083, "voicebus-call-control"),
 }
 DATASTORES = ("nats", "redis", "postgres")
-# Settings that are not in the ConfigMap on purpose (secrets, or compose-only wiring).
-NOT_IN_CONFIGMAP = {"DATABASE_URL", "VOICEBUS_SECRET_KEY"}
+# Settings that are not in the ConfigMap on purpose (secrets, or compose-only wiring; the k8s pods
+# build NATS_URL from the ConfigMap's NATS_SCHEME/NATS_ADDRESS and their own user).
+NOT_IN_CONFIGMAP = {"DATABASE_URL", "VOICEBUS_SECRET_KEY", "NATS_URL"}
+# compose service -> its NATS user and the .env variable with its password (deploy/k8s/nats-auth.conf)
+NATS_USERS = {"ingress": ("ingress", "NATS_INGRESS_PASSWORD"), "config": ("config", "NATS_CONFIG_PASSWORD"),
+              "call-control": ("call-control", "NATS_CALL_CONTROL_PASSWORD"),
+              "agent-runner": ("agent-runner", "NATS_AGENT_RUNNER_PASSWORD")}
+# Required (${VAR:?...}): a stand-in value per secret, so a test can see which secret lands where.
+REQUIRED = {var: f"<{var}>" for _user, var in NATS_USERS.values()}
 
 
 def compose() -> dict[str, Any]:
@@ -48,6 +57,9 @@ def interpolate(value: Any) -> str:
         op, arg = m.group(2), m.group(3)
         if op in (":-", "-"):
             return arg
+        if op == ":?" and m.group(1) in REQUIRED:  # a secret from the git-ignored .env: fail loudly if unset
+            assert arg.strip(), f"{m.group(0)}: say what to do when it is missing"
+            return REQUIRED[m.group(1)]
         raise AssertionError(f"{m.group(0)} has no default: compose would fail or warn without it")
 
     return _VAR.sub(sub, str(value))
@@ -143,7 +155,8 @@ def test_voicebus_service_environment(name: str) -> None:
     env = env_of(svc)
     assert env[port_env] == str(port)
     assert env["VOICEBUS_HTTP_HOST"] == "0.0.0.0"
-    assert env["NATS_URL"] == "nats://nats:4222"
+    user, password_var = NATS_USERS[name]
+    assert env["NATS_URL"] == f"nats://{user}:<{password_var}>@nats:4222", "each service connects as its own user"
     assert env["OTEL_TRACES_EXPORTER"] in {"none", "console", "otlp"}
     cm = configmap()
     unknown = set(env) - set(cm) - NOT_IN_CONFIGMAP
@@ -196,3 +209,28 @@ def test_sim_profile_runs_the_cloudonix_stand_in() -> None:
     assert cc["VOICEBUS_CARRIER_API_URLS"] == ""
     assert "${VOICEBUS_CARRIER_API_URLS" in str(services()["call-control"]["environment"]["VOICEBUS_CARRIER_API_URLS"])
     assert "VOICEBUS_CARRIER_API_URLS=cloudonix=http://cloudonix-api:8090" in COMPOSE.read_text()
+
+
+def test_nats_runs_with_the_generated_users_and_only_it_sees_every_password() -> None:
+    """The same permission file as Kubernetes; passwords only from .env, each service gets only its own."""
+    all_services = services()
+    nats = all_services["nats"]
+    cmd = nats["command"]
+    conf = cmd[cmd.index("--config") + 1]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in nats["volumes"]}
+    assert mounts[conf] == "./deploy/k8s/nats-auth.conf" and (REPO / "deploy/k8s/nats-auth.conf").is_file()
+    assert env_of(nats) == {var: f"<{var}>" for var in REQUIRED}
+    auth = (REPO / "deploy/k8s/nats-auth.conf").read_text()
+    for name, (user, var) in NATS_USERS.items():
+        assert f'user: "{user}"\n      password: ${var}\n' in auth, f"{user} is not a user of nats-auth.conf"
+        others = [v for v in REQUIRED if v != var]
+        leaked = [v for v in others if f"<{v}>" in str(env_of(all_services[name]))]
+        assert not leaked, f"{name} sees other services' NATS passwords: {leaked}"
+    # The header's one-liner (as in docs/deployment.md) writes every password, URL-safe (it sits in NATS_URL).
+    (line,) = [x for x in COMPOSE.read_text().splitlines() if x.startswith("#") and ">> .env" in x and "NATS_" in x]
+    code = re.search(r'python3 -c "(.*)" >> \.env', line)
+    assert code, line
+    out = subprocess.run([sys.executable, "-c", code.group(1)], capture_output=True, text=True, check=True).stdout
+    written = dict(x.split("=", 1) for x in out.splitlines())
+    assert set(written) == set(REQUIRED) and all(re.fullmatch(r"[0-9a-f]{48}", v) for v in written.values())
+    assert ".env" in (REPO / ".gitignore").read_text().split(), "the passwords file must be git-ignored"

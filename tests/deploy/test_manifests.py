@@ -215,7 +215,10 @@ def test_kustomize_build_renders_and_validates() -> None:
     proc = subprocess.run([KUBECTL, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, f"kubectl kustomize failed: {proc.stderr}"
     built = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    assert sorted(_doc_id(d) for d in built) == sorted(_doc_id(d) for d in applied_docs())
+    # plus what the kustomization generates (the NATS permissions ConfigMap, named with a content hash)
+    generated = {f"ConfigMap/{g['name']}" for g in kustomization().get("configMapGenerator", [])}
+    built_ids = [re.sub(r"-[a-z0-9]{10}$", "", _doc_id(d)) if d["kind"] == "ConfigMap" else _doc_id(d) for d in built]
+    assert sorted(built_ids) == sorted([*(_doc_id(d) for d in applied_docs()), *generated])
     tags = {i["name"]: i["newTag"] for i in kustomization()["images"]}
     for doc in built:
         kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
@@ -292,9 +295,13 @@ def test_env_references_resolve() -> None:
 def test_configmap_points_services_at_in_cluster_servers() -> None:
     data = _configmap_data()
     services = {d["metadata"]["name"]: d for d in _all("Service")}
-    for key, scheme, svc in (("NATS_URL", "nats", "nats"), ("REDIS_URL", "redis", "redis")):
-        m = re.fullmatch(rf"{scheme}://([a-z0-9.-]+):(\d+)(/\d+)?", data[key])
-        assert m, f"{key}={data[key]!r} is not a {scheme}:// URL"
+    # NATS_URL is built per pod from these and the pod's own NATS user (test_nats_permissions.py).
+    assert data["NATS_SCHEME"] == "nats", "plain in the base; the nats-tls component switches it to tls"
+    nats_address = f"nats://{data['NATS_ADDRESS']}"
+    for key, url, scheme, svc in (("NATS_ADDRESS", nats_address, "nats", "nats"),
+                                  ("REDIS_URL", data["REDIS_URL"], "redis", "redis")):
+        m = re.fullmatch(rf"{scheme}://([a-z0-9.-]+):(\d+)(/\d+)?", url)
+        assert m, f"{key}={data[key]!r} is not a {scheme}:// address"
         host, port = m.group(1).split(".")[0], int(m.group(2))
         assert host == svc and port in {p["port"] for p in services[svc]["spec"]["ports"]}, f"{key} -> {data[key]}"
     assert data["VOICEBUS_HTTP_HOST"] == "0.0.0.0", "services must listen on the pod IP for probes and Services"

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+import kubernetes_validate
 import nats
 import nats.errors
 import pytest
+import yaml
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import BaseModel
@@ -42,10 +45,13 @@ from voicebus.cli.embedded import nats_server_binary
 from voicebus.config.consumer import durable_name
 from voicebus.ingress.pending import bucket_name as pending_bucket
 
+from .test_manifests import K8S, KUBERNETES_VERSIONS, _one, kustomization
+
 REPO = Path(__file__).resolve().parents[2]
 AUTH_CONF = REPO / "deploy" / "k8s" / "nats-auth.conf"
 S = Subjects("vb")
 CALL = "c1"
+KUBECTL = shutil.which("kubectl")
 
 
 def _generator() -> ModuleType:
@@ -456,3 +462,77 @@ async def test_subjects_outside_the_grants_are_refused(conns: dict[str, Conn]) -
     await cfg.refused(S.media_in(CALL))
     await ing.nc.subscribe(">")
     await ing.refused('">"')
+
+
+# ------------------------------------------------------------------- wiring in deploy/k8s ----
+def _perm(user: str) -> object:
+    return _perms()[user]
+
+
+def _env(container: dict[str, object]) -> list[dict[str, object]]:
+    return list(container.get("env", []))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("user", sorted(USES))
+def test_each_deployment_connects_as_its_own_user(user: str) -> None:
+    (container,) = _one("Deployment", user)["spec"]["template"]["spec"]["containers"]
+    env = _env(container)
+    names = [e["name"] for e in env]
+    url_at = names.index("NATS_URL")
+    assert names.index("NATS_USER") < url_at and names.index("NATS_PASSWORD") < url_at, \
+        "$(VAR) only expands variables defined before it"
+    by = {e["name"]: e for e in env}
+    assert by["NATS_USER"]["value"] == user
+    ref = by["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]  # type: ignore[index]
+    assert (ref["name"], ref["key"]) == ("voicebus-secrets", _perm(user).password_env)  # type: ignore[attr-defined]
+    assert by["NATS_URL"]["value"] == "$(NATS_SCHEME)://$(NATS_USER):$(NATS_PASSWORD)@$(NATS_ADDRESS)"
+    others = {u.password_env for u in GEN.permissions("vb")} - {_perm(user).password_env}  # type: ignore[attr-defined]
+    seen = {e["valueFrom"]["secretKeyRef"]["key"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+    assert not seen & others, f"{user} can read other services' NATS passwords: {seen & others}"
+
+
+def test_nats_server_loads_the_generated_file_with_every_password() -> None:
+    kz = kustomization()
+    (gen,) = [g for g in kz["configMapGenerator"] if g["name"] == "nats-config"]
+    assert gen["files"] == ["auth.conf=nats-auth.conf"]
+    spec = _one("StatefulSet", "nats")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert "--config=/etc/nats/auth.conf" in container["args"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/nats")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == "nats-config"
+    keys = {e["valueFrom"]["secretKeyRef"]["key"] for e in _env(container) if "secretKeyRef" in e.get("valueFrom", {})}
+    assert keys == {u.password_env for u in GEN.permissions("vb")}
+    assert {e["name"] for e in _env(container) if e["name"] in keys} == keys, "env names are what the file reads"
+    secret = _one("Secret", "voicebus-secrets")["stringData"]
+    assert all(secret[k] == "REPLACE-ME" for k in keys), "only placeholders in git"
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl (with its built-in kustomize) is not installed")
+def test_tls_component_switches_every_client_to_tls(tmp_path: Path) -> None:
+    """The overlay README.md shows: nats serves TLS from the cert Secret, every pod dials tls:// and trusts the CA."""
+    assert KUBECTL is not None
+    rel = Path(os.path.relpath(K8S, tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [str(rel)], "components": [str(rel / "nats-tls")]}))
+    proc = subprocess.run([KUBECTL, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    built = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    for doc in built:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
+    (cm,) = [d for d in built if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "voicebus"]
+    assert cm["data"]["NATS_SCHEME"] == "tls"
+    (nats_ss,) = [d for d in built if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "nats"]
+    pod = nats_ss["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert "--tls" in args and "--tlscert=/etc/nats-tls/tls.crt" in args and "--tlskey=/etc/nats-tls/tls.key" in args
+    assert {"name": "tls", "secret": {"secretName": "nats-tls"}} in pod["volumes"]
+    deployments = {d["metadata"]["name"]: d for d in built if d["kind"] == "Deployment"}
+    for user in USES:
+        spec = deployments[user]["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        assert env["SSL_CERT_FILE"] == "/etc/voicebus-ca/ca-bundle.crt", user
+        assert {"name": "voicebus-ca", "configMap": {"name": "voicebus-ca-bundle"}} in spec["volumes"], user
+    assert "SSL_CERT_FILE" not in str(deployments["redis"]), "only the NATS clients"
