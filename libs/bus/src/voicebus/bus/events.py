@@ -34,12 +34,18 @@ async def ensure_events_stream(js: JetStreamContext, subjects: Subjects) -> None
         max_age=EVENTS_MAX_AGE_S,
         duplicate_window=120,
     )
+    await add_stream_once(js, cfg)
+
+
+async def add_stream_once(js: JetStreamContext, cfg: StreamConfig) -> None:
+    """Create the stream, or leave an existing one as it is (an operator may have tuned it); safe to call
+    from every service and replica at start-up."""
     try:
         await js.add_stream(cfg)
     except BadRequestError as e:  # exists with a different config: keep the operator's settings
         if e.err_code != 10058:
             raise
-        log.debug("events stream %s exists with other settings; kept", cfg.name)
+        log.debug("stream %s exists with other settings; kept", cfg.name)
 
 
 async def publish_event(js: JetStreamContext, subjects: Subjects, name: str, event: LifecycleEvent) -> None:

@@ -21,8 +21,8 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
+from voicebus.bus.events import add_stream_once
 from voicebus.bus.messages import HangupRequest
 from voicebus.bus.rpc import trace_headers
 from voicebus.bus.subjects import INTENT_HANGUP, Subjects, check_token
@@ -60,13 +60,7 @@ def intents_stream_config(subjects: Subjects) -> StreamConfig:
 
 async def ensure_intents_stream(js: JetStreamContext, subjects: Subjects) -> None:
     """Create (or leave as is) the intents stream. Safe to call from every service and replica."""
-    cfg = intents_stream_config(subjects)
-    try:
-        await js.add_stream(cfg)
-    except BadRequestError as e:  # exists with a different config: keep the operator's settings
-        if e.err_code != 10058:
-            raise
-        log.debug("intents stream %s exists with other settings; kept", cfg.name)
+    await add_stream_once(js, intents_stream_config(subjects))
 
 
 def hangup_msg_id(call_id: str) -> str:

@@ -90,6 +90,11 @@ def twilio_error(status: int, code: int, message: str) -> JSONResponse:
                          "status": status}, status_code=status)
 
 
+def not_found(request: Request) -> JSONResponse:
+    """Twilio's 404 for a resource (or an account) it does not know."""
+    return twilio_error(404, 20404, f"The requested resource {request.url.path} was not found")
+
+
 def _redact_tokens(params: dict[str, str]) -> dict[str, str]:
     """Stream parameters named like a token authorize a socket: inspection shows that they came, not them."""
     return {k: ("<redacted>" if "token" in k.lower() else v) for k, v in params.items()}
@@ -551,7 +556,7 @@ def create_app(state: TwilioState) -> FastAPI:
         if denied is not None:
             return denied
         if account != st.account_sid:
-            return twilio_error(404, 20404, f"The requested resource {request.url.path} was not found")
+            return not_found(request)
         return None
 
     async def form(request: Request) -> list[tuple[str, str]]:
@@ -608,7 +613,7 @@ def create_app(state: TwilioState) -> FastAPI:
             return denied
         call = st.calls.get(sid)
         if call is None:
-            return twilio_error(404, 20404, f"The requested resource {request.url.path} was not found")
+            return not_found(request)
         return JSONResponse(call.resource())
 
     @app.post(API_PREFIX + "/Calls/{sid}.json")
@@ -618,7 +623,7 @@ def create_app(state: TwilioState) -> FastAPI:
             return denied
         call = st.calls.get(sid)
         if call is None:
-            return twilio_error(404, 20404, f"The requested resource {request.url.path} was not found")
+            return not_found(request)
         f = await form(request)
         status, twiml, url = first(f, "Status"), first(f, "Twiml"), first(f, "Url")
         if status is not None and status not in ("completed", "canceled"):
@@ -664,7 +669,7 @@ def create_app(state: TwilioState) -> FastAPI:
             return denied
         n = st.numbers.get(sid)
         if n is None:
-            return twilio_error(404, 20404, f"The requested resource {request.url.path} was not found")
+            return not_found(request)
         return JSONResponse(n.resource(st.account_sid))
 
     @app.post(API_PREFIX + "/IncomingPhoneNumbers/{sid}.json")
@@ -674,7 +679,7 @@ def create_app(state: TwilioState) -> FastAPI:
             return denied
         n = st.numbers.get(sid)
         if n is None:
-            return twilio_error(404, 20404, f"The requested resource {request.url.path} was not found")
+            return not_found(request)
         f = await form(request)
         voice_url, voice_method = first(f, "VoiceUrl"), first(f, "VoiceMethod")
         if voice_method is not None and voice_method.upper() not in ("GET", "POST"):
