@@ -33,6 +33,7 @@ from voicebus.simulator.phone import (
     _describe,
     _sid,
     load_wav_8k,
+    poll_until_over,
     redact_url,
     write_wav_8k,
 )
@@ -104,19 +105,9 @@ class _Call(MediaCall):
         s = self.cx
         assert s.cloudonix_api is not None
         url = f"{s.cloudonix_api.rstrip('/')}/_sim/sessions/{s.session}"
-        async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(40.0)) as http:
-            while not self.done.is_set():
-                try:
-                    resp = await http.get(url, params={"wait_ended": 30})
-                except httpx.HTTPError:
-                    return
-                if resp.status_code != 200:
-                    return
-                body = resp.json()
-                if body.get("state") == "ended":
-                    if body.get("ended_by") == "rest":
-                        self.carrier_hangup("rest_hangup")
-                    return
+        body = await poll_until_over(url, self.done, lambda b: b.get("state") == "ended")
+        if body is not None and body.get("ended_by") == "rest":
+            self.carrier_hangup("rest_hangup")
 
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
@@ -164,6 +165,27 @@ class StreamIds:
     call_sid: str
     account_sid: str
     session: str = ""
+
+
+async def poll_until_over(url: str, done: asyncio.Event,
+                          over: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """Long-poll a carrier stand-in's view of a call (``?wait_ended=30``) until ``over`` says it has ended.
+
+    Returns that last view; None when the stream ended first (``done``) or the stand-in went away, since
+    either way there is nothing more to learn. Both carrier clouds end a stream this way after a REST hangup.
+    """
+    async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(40.0)) as http:
+        while not done.is_set():
+            try:
+                resp = await http.get(url, params={"wait_ended": 30})
+            except httpx.HTTPError:
+                return None
+            if resp.status_code != 200:
+                return None
+            body: dict[str, Any] = resp.json()
+            if over(body):
+                return body
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- report

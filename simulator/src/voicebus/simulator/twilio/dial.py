@@ -26,7 +26,15 @@ from typing import Any, Literal
 
 import httpx
 
-from voicebus.simulator.phone import CallReport, PhoneScript, SimulatorError, TimelineEvent, _describe, _sid
+from voicebus.simulator.phone import (
+    CallReport,
+    PhoneScript,
+    SimulatorError,
+    TimelineEvent,
+    _describe,
+    _sid,
+    poll_until_over,
+)
 from voicebus.simulator.twilio.signing import API_VERSION, Pairs, SentRequest, Tamper, send_signed
 from voicebus.simulator.twilio.stream import TwilioStreamCall
 from voicebus.simulator.twilio.twiml import Connect, Hangup, Reject, Say, TwimlError, Verb, describe, parse_twiml
@@ -249,20 +257,10 @@ class _Dial:
         """Twilio ends the stream of a call hung up through its REST API; long-poll the stand-in for that."""
         assert self.c.twilio_api is not None
         url = f"{self.c.twilio_api.rstrip('/')}/_sim/calls/{self.c.call_sid}"
-        async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(40.0)) as http:
-            while not media.done.is_set():
-                try:
-                    resp = await http.get(url, params={"wait_ended": 30})
-                except httpx.HTTPError:
-                    return
-                if resp.status_code != 200:
-                    return
-                body = resp.json()
-                if body.get("hangups"):
-                    media.carrier_hangup("rest_hangup")
-                    return
-                if body.get("status") != "in-progress":
-                    return
+        body = await poll_until_over(url, media.done,
+                                     lambda b: bool(b.get("hangups")) or b.get("status") != "in-progress")
+        if body is not None and body.get("hangups"):
+            media.carrier_hangup("rest_hangup")
 
 
 async def dial_inbound(call: InboundCall, *, on_event: Callable[[TimelineEvent], None] | None = None) -> DialReport:
