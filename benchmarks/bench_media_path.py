@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import statistics
 import time
@@ -25,7 +24,7 @@ import nats
 from voicebus.audio import pcm16_to_ulaw, ulaw_to_pcm16
 from voicebus.bus import Subjects
 from voicebus.bus.media import media_headers
-from voicebus.cli.embedded import EmbeddedNats, reachable
+from voicebus.cli.embedded import nats_for_benchmark
 
 FRAME_PCM = bytes(range(256)) + bytes(64)  # 320 bytes: 20 ms of 8 kHz PCM16
 FRAME_ULAW = pcm16_to_ulaw(FRAME_PCM)
@@ -105,14 +104,7 @@ async def main() -> None:
     args = ap.parse_args()
     dec, enc = bench_codec()
     print(f"G.711 per 20 ms frame: mu-law->PCM16 {dec:.2f} us, PCM16->mu-law {enc:.2f} us")
-    server = None
-    url = os.environ.get("NATS_URL") or ""
-    if not url:
-        if reachable("nats://127.0.0.1:4222", 4222):
-            url = "nats://127.0.0.1:4222"
-        else:
-            server = EmbeddedNats().start()
-            url = server.url
+    url, server = nats_for_benchmark()
     try:
         print(f"NATS hop, 20 ms frames at real-time pace, {args.seconds:.0f} s per row ({url})")
         print(f"{'calls':>6} {'frames':>8} {'recv':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU %':>7}")

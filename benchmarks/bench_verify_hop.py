@@ -39,7 +39,7 @@ from twilio.request_validator import RequestValidator
 from voicebus.bus.messages import TelephonyCredentials, TelephonyCredentialsRequest, VerifyRequest, VerifyResult
 from voicebus.bus.rpc import request, serve
 from voicebus.bus.subjects import CFG_TELEPHONY_CREDENTIALS, CONFIG_QUEUE, CTL_VERIFY, Subjects
-from voicebus.cli.embedded import EmbeddedNats, free_port, reachable
+from voicebus.cli.embedded import free_port, nats_for_benchmark
 from voicebus.telephony import get_spec
 from voicebus.telephony.webhook import WebhookRequest
 
@@ -129,14 +129,7 @@ async def main() -> None:
     args = ap.parse_args()
     replay = not args.no_replay_key
 
-    server = None
-    url = os.environ.get("NATS_URL") or ""
-    if not url:
-        if reachable("nats://127.0.0.1:4222", 4222):
-            url = "nats://127.0.0.1:4222"
-        else:
-            server = EmbeddedNats().start()
-            url = server.url
+    url, server = nats_for_benchmark()
     subjects = Subjects(prefix=f"bench{uuid.uuid4().hex[:8]}")
     nc = await nats.connect(url)
 

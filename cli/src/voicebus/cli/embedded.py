@@ -7,6 +7,7 @@ developer machines usually have one, and starting a second copy would only cost 
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -119,3 +120,18 @@ class EmbeddedValkey(_EmbeddedServer):
         self._spawn([str(get_binary_path()), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                      "--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"])
         return self
+
+
+LOCAL_NATS = "nats://127.0.0.1:4222"
+
+
+def nats_for_benchmark() -> tuple[str, EmbeddedNats | None]:
+    """``NATS_URL`` if set, else a server on the default local port, else an embedded one (returned, so
+    the caller stops it): what a benchmark measures against without being told where NATS is."""
+    url = os.environ.get("NATS_URL") or ""
+    if url:
+        return url, None
+    if reachable(LOCAL_NATS, 4222):
+        return LOCAL_NATS, None
+    server = EmbeddedNats().start()
+    return server.url, server
