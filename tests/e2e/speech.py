@@ -31,7 +31,9 @@ def _whisper():  # type: ignore[no-untyped-def]
 def transcribe_8k(pcm16: bytes) -> str:
     """Lower-case words of 8 kHz PCM16 mono audio, punctuation removed, number words as digits."""
     audio = np.frombuffer(audioop.ratecv(pcm16, 2, 1, 8000, 16000, None)[0], dtype=np.int16)
-    segments, _ = _whisper().transcribe(audio.astype(np.float32) / 32768.0, language="en", beam_size=1)
+    # Beam search (faster-whisper's default width), not greedy decoding: greedy tiny.en sometimes hears a
+    # clipped "press 1" as "press when" on a first call after start-up.
+    segments, _ = _whisper().transcribe(audio.astype(np.float32) / 32768.0, language="en", beam_size=5)
     text = " ".join(s.text for s in segments).lower()
     words = re.sub(r"[^a-z0-9 ]+", " ", text).split()
     return " ".join(_DIGITS.get(w, w) for w in words)
